@@ -1,0 +1,1 @@
+"""Data: the record contract, dataset indexes per format, transforms and the datamodule."""

@@ -1,0 +1,1 @@
+"""Plain torch models (no Lightning): backbones, PatchCore, and later PDN, UniAD, CLIP."""
