@@ -1,0 +1,11 @@
+"""Dataset indexes, one module per on-disk format; importing this package registers them all."""
+
+from iad_lightning.data.formats import (  # noqa: F401  (imported to register the formats)
+    anomalyclip_meta,
+    btad,
+    folder,
+    mvtec,
+    mvtec_loco,
+    realiad,
+    visa,
+)

@@ -1,0 +1,105 @@
+"""Image and mask loading shared by every dataset format.
+
+Every image becomes 8-bit RGB whatever its file mode, and every mask becomes a boolean
+array at the image's native resolution (resizing is the transforms' job). Any unreadable,
+missing or inconsistent file raises ``DatasetError`` naming the file, so a broken dataset
+fails at the first bad file with a message that says which one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from iad_lightning.errors import DatasetError
+
+# 16-bit modes: scaled to 8 bits by the dtype range (65535 / 255 = 257). Pillow opens some
+# 16-bit PNG/TIFF files as the 32-bit mode "I", which holds 16-bit data in practice.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _open(path: str | Path, what: str) -> Image.Image:
+    """Open and fully decode a file (``load()`` so truncation is detected here, not later)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(
+            f"{what} file '{p}' does not exist or is not a file; check the dataset root and index"
+        )
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(
+            f"{what} file '{p}' is corrupt, truncated or not an image ({type(e).__name__}: {e}); "
+            f"re-extract or remove it"
+        ) from e
+
+
+def _to_8bit_grey(im: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit int / float) single-channel images to 8-bit 'L'; others unchanged."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(im).astype(np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    if im.mode == "F":  # float: [0, 1] data is scaled, anything else is taken as 0..255
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        arr = np.nan_to_num(arr, nan=0.0)
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    return im
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Load any image file as 8-bit RGB.
+
+    Grayscale (L, LA, P, 1) is replicated to 3 channels, alpha is dropped (not composited),
+    16-bit data is divided by 257, CMYK/YCbCr are converted by Pillow.
+    Raises ``DatasetError`` naming the path if the file is missing, corrupt or truncated.
+    """
+    im = _to_8bit_grey(_open(path, "image"))
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P":  # via RGBA: Pillow warns when converting transparent palettes to RGB
+        im = im.convert("RGBA")
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise DatasetError(
+            f"image file '{path}' has mode '{im.mode}' that cannot be converted to RGB; "
+            f"convert it to PNG"
+        ) from e
+
+
+def load_mask(
+    paths: Sequence[str | Path],
+    size: tuple[int, int],
+    threshold: int = 0,
+    image_path: str | Path | None = None,
+) -> np.ndarray:
+    """Load, binarise and OR the mask files of one image.
+
+    paths: mask files (several are OR-ed, e.g. MVTec LOCO channels); empty = all-False mask.
+    size: the image size in **PIL order (width, height)**, e.g. ``load_image(p).size``; every
+        mask must have exactly this size (masks are not resized here).
+    threshold: a pixel is anomalous iff its 8-bit grey value is ``> threshold`` (0 for most
+        sets; 127 for Real-IAD's official evaluator or JPEG masks).
+    image_path: only used in error messages.
+    Returns a bool array of shape (height, width).
+    """
+    width, height = int(size[0]), int(size[1])
+    out = np.zeros((height, width), dtype=bool)
+    for p in paths:
+        im = _to_8bit_grey(_open(p, "mask"))
+        if im.size != (width, height):
+            raise DatasetError(
+                f"mask file '{p}' has size {im.size[0]}x{im.size[1]} (WxH) but its image "
+                f"'{image_path}' is {width}x{height}; masks must match their image's size"
+            )
+        if im.mode != "L":
+            im = im.convert("L")
+        out |= np.asarray(im) > threshold
+    return out
