@@ -1,0 +1,1 @@
+"""Lightning callbacks: anomaly-map visualisation."""

@@ -1,0 +1,132 @@
+"""One LightningDataModule for every dataset format, per-category or unified."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from iad_lightning.data.dataset import AnomalyDataset
+from iad_lightning.data.formats.base import get_index
+from iad_lightning.data.records import Record
+from iad_lightning.data.transforms import Preprocess
+from iad_lightning.errors import ConfigError, DatasetError
+
+
+def split_validation(records: Sequence[Record], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of each category's train good images as validation.
+
+    The choice is a seeded permutation per category, so it is the same on every rank and run.
+    Validation is never taken from test images.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={fraction} must be in [0, 1)")
+    by_cat: dict[str, list[Record]] = defaultdict(list)
+    for rec in records:
+        by_cat[rec.category].append(rec)
+    train, val = [], []
+    for i, (cat, recs) in enumerate(sorted(by_cat.items())):
+        n_val = int(round(fraction * len(recs)))
+        if fraction > 0 and len(recs) - n_val < 1:
+            raise DatasetError(f"category '{cat}': too few train images ({len(recs)}) to hold out validation")
+        order = np.random.default_rng([seed, i]).permutation(len(recs))
+        held = set(order[:n_val].tolist())
+        for j, rec in enumerate(recs):
+            (val if j in held else train).append(rec)
+    return train, val
+
+
+class AnomalyDataModule(L.LightningDataModule):
+    """Serves train / validation / test loaders for one or several categories of a format.
+
+    format: a registered index name (``mvtec``, ``visa``, ``realiad``, ``btad``, ``mpdd``,
+        ``mvtec_loco``, ``anomalyclip``, ``folder``, ``synthetic``).
+    category: a name, a list, a comma-separated string, or ``"all"``. Several categories mean
+        unified mode: one model over all of them, metrics still per category.
+    options: format-specific keyword options (e.g. ``json_dir`` for Real-IAD).
+    val_fraction: share of train good images held out as validation (native validation splits,
+        e.g. MVTec LOCO's, are used as they are and added to it).
+    The method sets ``preprocess`` before the loaders are built.
+    """
+
+    def __init__(
+        self,
+        format: str,
+        root: str,
+        category: str | Sequence[str] = "all",
+        options: dict[str, Any] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.0,
+        shuffle: bool = True,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.format, self.root, self.category = format, str(root), category
+        self.options = dict(options or {})
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.val_fraction, self.shuffle = num_workers, val_fraction, shuffle
+        self.seed, self.pin_memory = seed, pin_memory
+        self.preprocess: Preprocess | None = None
+        self._splits: dict[str, list[Record]] | None = None
+        self.categories: list[str] = []
+
+    def index_records(self) -> dict[str, list[Record]]:
+        """Index the dataset once: {"train": [...], "val": [...], "test": [...]}."""
+        if self._splits is None:
+            index = get_index(self.format, self.root, **self.options)
+            self.categories = index.resolve_categories(self.category)
+            records = [r for c in self.categories for r in index.records(c)]
+            train, val = split_validation(
+                [r for r in records if r.split == "train"], self.val_fraction, self.seed
+            )
+            self._splits = {
+                "train": train,
+                "val": val + [r for r in records if r.split == "val"],
+                "test": [r for r in records if r.split == "test"],
+            }
+        return self._splits
+
+    def prepare_data(self) -> None:
+        # Runs on one process first: lets generated formats (synthetic) build their cache.
+        self.index_records()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.index_records()
+
+    def dataset(self, split: str) -> AnomalyDataset:
+        if self.preprocess is None:
+            raise ConfigError("datamodule.preprocess is unset: the method must set it before loading")
+        return AnomalyDataset(self.index_records()[split], self.preprocess)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.index_records()["train"]:
+            raise DatasetError(
+                f"no training images for category {self.categories} under '{self.root}' "
+                f"(format '{self.format}'); this method needs train good images"
+            )
+        return self._loader("train", self.batch_size, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,59 @@
+"""results.json / results.md of a run, written atomically once metrics exist."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from iad_lightning.metrics import METRIC_KEYS
+
+SHORT_NAMES = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1max": "P-F1max",
+    "pixel_aupro": "AUPRO",
+}
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def markdown_table(results: dict[str, Any], keys: tuple[str, ...] = METRIC_KEYS) -> str:
+    """One row per category plus the mean row; values in percent, '-' where undefined."""
+    keys = tuple(k for k in keys if any(m.get(k) is not None for m in results["categories"].values())) or keys
+    lines = ["| category | " + " | ".join(SHORT_NAMES[k] for k in keys) + " |"]
+    lines.append("|---|" + "---:|" * len(keys))
+    rows = list(results["categories"].items())
+    if len(rows) > 1 or not rows:
+        rows.append(("**mean**", results["mean"]))
+    for name, metrics in rows:
+        lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path) -> None:
+    """Write results.json (exact shape: categories/mean) and results.md into ``out_dir``."""
+    out = Path(out_dir)
+    clean = {
+        "categories": {c: {k: m.get(k) for k in METRIC_KEYS} for c, m in results["categories"].items()},
+        "mean": {k: results["mean"].get(k) for k in METRIC_KEYS},
+    }
+    atomic_write(out / "results.json", json.dumps(clean, indent=2) + "\n")
+    atomic_write(out / "results.md", markdown_table(clean))

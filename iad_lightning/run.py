@@ -1,0 +1,84 @@
+"""What ``train.py`` and ``test.py`` do: instantiate from config, fit, test, write results."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from iad_lightning.checkpoint import load_method
+from iad_lightning.results import markdown_table, write_results
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a config group dict (callbacks, loggers), skipping nulls."""
+    if not cfg:
+        return []
+    return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def _build(cfg: DictConfig, model: L.LightningModule) -> tuple[L.LightningDataModule, L.Trainer]:
+    datamodule = instantiate(cfg.data)
+    datamodule.preprocess = model.preprocess
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=_instantiate_group(cfg.get("callbacks")),
+        logger=loggers or False,
+        default_root_dir=cfg.paths.output_dir,
+    )
+    return datamodule, trainer
+
+
+def _finish(trainer: L.Trainer, model: L.LightningModule, out_dir: str) -> dict[str, Any]:
+    results = model.results
+    if trainer.is_global_zero:
+        write_results(results, out_dir)
+        table = markdown_table(results)
+        for logger in trainer.loggers:
+            log_results_table(logger, results, table)
+        print(f"\nResults ({Path(out_dir) / 'results.json'}):\n{table}")
+    return results
+
+
+def log_results_table(logger: Any, results: dict[str, Any], table: str) -> None:
+    """Hand the per-category table to loggers that show tables or text."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_text("results", table)
+    elif isinstance(logger, WandbLogger):
+        keys = list(results["mean"])
+        rows = [[c, *[m[k] for k in keys]] for c, m in results["categories"].items()]
+        logger.log_table("results", columns=["category", *keys], data=rows + [["mean", *results["mean"].values()]])
+    elif isinstance(logger, MLFlowLogger):
+        logger.experiment.log_text(logger.run_id, table, "results.md")
+        logger.experiment.log_dict(logger.run_id, results, "results.json")
+
+
+def train(cfg: DictConfig) -> dict[str, Any] | None:
+    """Fit ``cfg.method`` on ``cfg.data``; then test it and write results unless ``test=false``."""
+    L.seed_everything(cfg.seed, workers=True)
+    model = instantiate(cfg.method)
+    model.method_config = OmegaConf.to_container(cfg.method, resolve=True)
+    datamodule, trainer = _build(cfg, model)
+    trainer.fit(model, datamodule=datamodule)
+    if not cfg.get("test", True):
+        return None
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    return _finish(trainer, model, cfg.paths.output_dir)
+
+
+def test(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a training checkpoint (``ckpt_path``) on ``cfg.data``, without re-fitting."""
+    L.seed_everything(cfg.seed, workers=True)
+    model = load_method(cfg.ckpt_path)
+    datamodule, trainer = _build(cfg, model)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    return _finish(trainer, model, cfg.paths.output_dir)

@@ -1,0 +1,87 @@
+"""The datamodule: splits, unified mode, transforms of image and mask, the batch contract."""
+
+import numpy as np
+import pytest
+import torch
+
+from iad_lightning.data.datamodule import AnomalyDataModule, split_validation
+from iad_lightning.data.records import Record
+from iad_lightning.data.transforms import PairTransform, Preprocess
+from iad_lightning.errors import ConfigError, DatasetError
+
+from . import fixtures as fx
+
+
+def _dm(root, **kw) -> AnomalyDataModule:
+    dm = AnomalyDataModule(format="mvtec", root=str(root), batch_size=2, **kw)
+    dm.preprocess = Preprocess(resize=32, crop=24)
+    return dm
+
+
+def test_unified_mode_and_batch_contract(tmp_path):
+    root = fx.make_mvtec(tmp_path / "mv")
+    dm = _dm(root, category="all")
+    dm.setup("fit")
+    assert dm.categories == ["bottle", "cable"]
+    splits = dm.index_records()
+    assert len(splits["train"]) == 4 and len(splits["test"]) == 8 and not splits["val"]
+    batch = next(iter(dm.test_dataloader()))
+    assert set(batch) == {"image", "mask", "label", "category", "path", "index"}
+    assert batch["image"].shape == (2, 3, 24, 24) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (2, 1, 24, 24)
+    assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
+    for label, mask in zip(batch["label"], batch["mask"]):
+        assert bool(mask.any()) == bool(label)
+
+
+def test_single_category_and_list(tmp_path):
+    root = fx.make_mvtec(tmp_path / "mv")
+    dm = _dm(root, category="cable")
+    dm.setup()
+    assert dm.categories == ["cable"] and {r.category for r in dm.index_records()["test"]} == {"cable"}
+    dm = _dm(root, category=["cable", "bottle"])
+    dm.setup()
+    assert dm.categories == ["cable", "bottle"]
+    with pytest.raises(DatasetError, match="unknown category.*'nope'"):
+        _dm(root, category="nope").setup()
+
+
+def test_validation_split_is_from_train_good_only_and_deterministic():
+    recs = [Record(f"/x/{c}/{i}.png", 0, c, "train") for c in ("a", "b") for i in range(10)]
+    train, val = split_validation(recs, 0.2, seed=3)
+    assert len(val) == 4 and len(train) == 16
+    assert {r.category for r in val} == {"a", "b"} and all(r.label == 0 for r in val)
+    assert split_validation(recs, 0.2, seed=3) == (train, val)
+    assert not set(r.image for r in train) & set(r.image for r in val)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        split_validation(recs, 1.0, seed=0)
+
+
+def test_val_fraction_never_touches_test(tmp_path):
+    root = fx.make_mvtec(tmp_path / "mv")
+    dm = _dm(root, val_fraction=0.5)
+    dm.setup()
+    splits = dm.index_records()
+    assert len(splits["val"]) == 2 and len(splits["train"]) == 2 and len(splits["test"]) == 8
+    assert all("/train/" in r.image for r in splits["val"])
+
+
+def test_pair_transform_resize_crop_normalise():
+    from PIL import Image
+
+    img = Image.fromarray(np.full((40, 80, 3), 255, np.uint8))
+    mask = np.zeros((40, 80), bool)
+    mask[10:30, 38:42] = True
+    t = PairTransform(Preprocess(resize=20, crop=16, mean=(0.5,) * 3, std=(0.5,) * 3))
+    x, m = t(img, mask)
+    assert x.shape == (3, 16, 16) and m.shape == (1, 16, 16)
+    assert torch.allclose(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
+    assert m.sum() > 0 and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert Preprocess(resize=256, crop=224).output_size == (224, 224)
+
+
+def test_loader_without_preprocess_or_train_images(tmp_path):
+    root = fx.make_mvtec(tmp_path / "mv")
+    dm = AnomalyDataModule(format="mvtec", root=str(root))
+    with pytest.raises(ConfigError, match="preprocess"):
+        dm.test_dataloader()

@@ -1,0 +1,113 @@
+"""train.py / test.py through Hydra with tiny overrides, as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from iad_lightning.metrics import METRIC_KEYS
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parents[1] / "data"
+sys.path.insert(0, str(FIXTURES.parent))
+from data import fixtures as fx  # noqa: E402
+
+
+def run(script: str, *overrides: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / script), *overrides]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+TINY = [
+    "backbone=lite0",
+    "method.crop=64",
+    "method.resize=64",
+    "method.coreset_ratio=0.25",
+    "method.target_embed_dimension=128",
+    "method.pretrain_embed_dimension=128",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "trainer.accelerator=cpu",
+    "callbacks.visualizer.n_images=2",
+]
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory) -> Path:
+    return fx.make_mvtec(tmp_path_factory.mktemp("mv"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mvtec_root) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    run("train.py", "data=mvtec", f"data.root={mvtec_root}", *TINY, f"hydra.run.dir={out}")
+    return out
+
+
+def test_train_writes_results_checkpoint_and_overlays(trained):
+    res = json.loads((trained / "results.json").read_text())
+    assert set(res) == {"categories", "mean"}
+    assert list(res["categories"]) == ["bottle", "cable"]
+    for metrics in [*res["categories"].values(), res["mean"]]:
+        assert set(metrics) == set(METRIC_KEYS)
+        assert all(v is None or 0.0 <= v <= 1.0 for v in metrics.values())
+    assert res["mean"]["image_auroc"] is not None and res["mean"]["pixel_aupro"] is not None
+    assert "| **mean** |" in (trained / "results.md").read_text()
+    assert (trained / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (trained / "images").glob("*_grid.png")) == ["bottle_grid.png", "cable_grid.png"]
+    assert (trained / "csv" / "metrics.csv").read_text().count("test/mean/image_auroc") == 1
+
+
+def test_checkpoint_is_safe_and_test_py_reproduces_without_refit(trained, mvtec_root, tmp_path):
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    bank = ckpt["state_dict"]["model.memory_bank"]
+    assert bank.ndim == 2 and bank.shape[1] == 128 and bank.shape[0] > 0
+    out = tmp_path / "test"
+    proc = run(
+        "test.py",
+        f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",
+        "data=mvtec",
+        f"data.root={mvtec_root}",
+        "data.batch_size=4",
+        "trainer.accelerator=cpu",
+        f"hydra.run.dir={out}",
+    )
+    assert "PatchCore:" not in proc.stdout  # nothing re-fitted
+    assert json.loads((out / "results.json").read_text()) == json.loads((trained / "results.json").read_text())
+
+
+def test_bad_input_fails_clearly_without_results(tmp_path, mvtec_root):
+    out = tmp_path / "bad"
+    proc = run("train.py", "data=mvtec", f"data.root={tmp_path / 'nowhere'}", *TINY, f"hydra.run.dir={out}", check=False)
+    assert proc.returncode != 0 and "nowhere" in proc.stderr and "data.root" in proc.stderr
+    assert not (out / "results.json").exists()
+    proc = run("train.py", "data=mvtec", f"data.root={mvtec_root}", "data.category=zipper", *TINY,
+               f"hydra.run.dir={out}", check=False)
+    assert proc.returncode != 0 and "zipper" in proc.stderr and "available" in proc.stderr
+    assert not (out / "results.json").exists()
+
+
+def test_ddp_two_processes_equal_single_process(trained, mvtec_root, tmp_path):
+    """2 CPU processes (gloo): sharded embedding, gathered bank and predictions = 1 process."""
+    out = tmp_path / "ddp"
+    run("train.py", "data=mvtec", f"data.root={mvtec_root}", *TINY, "trainer=ddp", "trainer.devices=2",
+        f"hydra.run.dir={out}")
+    single = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ddp = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    bank_1, bank_2 = single["state_dict"]["model.memory_bank"], ddp["state_dict"]["model.memory_bank"]
+    assert bank_1.shape == bank_2.shape
+    # same rows in the same order; values agree to float32 rounding (per-rank batches differ, and
+    # the CPU convolution kernels round differently for different batch compositions)
+    torch.testing.assert_close(bank_2, bank_1, rtol=1e-4, atol=5e-5)
+    res_1 = json.loads((trained / "results.json").read_text())
+    res_2 = json.loads((out / "results.json").read_text())
+    for cat in res_1["categories"]:
+        for key, value in res_1["categories"][cat].items():
+            # metrics of maps equal up to that float32 rounding: near-tied pixels may swap
+            assert res_2["categories"][cat][key] == pytest.approx(value, abs=5e-5), (cat, key)
