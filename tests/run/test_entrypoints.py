@@ -111,3 +111,17 @@ def test_ddp_two_processes_equal_single_process(trained, mvtec_root, tmp_path):
         for key, value in res_1["categories"][cat].items():
             # metrics of maps equal up to that float32 rounding: near-tied pixels may swap
             assert res_2["categories"][cat][key] == pytest.approx(value, abs=5e-5), (cat, key)
+
+
+def test_multirun_category_sweep_and_report(mvtec_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    run("train.py", "-m", "data=mvtec", f"data.root={mvtec_root}", "data.category=bottle,cable",
+        *[o for o in TINY if not o.startswith("callbacks.")], "logger=none", "callbacks=none", f"hydra.sweep.dir={sweep}")
+    assert sorted(p.parent.name for p in sweep.glob("*/results.json")) == ["0", "1"]
+    proc = subprocess.run([sys.executable, "-m", "iad_lightning.report", str(sweep)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (sweep / "report.md").read_text()
+    rows = [line.split(" | ")[0] for line in table.splitlines()[2:]]
+    assert rows == ["| bottle", "| cable", "| **mean**"]
+    assert table.splitlines()[0].count("I-AUROC") == 1  # one column group for the sweep
