@@ -125,3 +125,25 @@ def test_multirun_category_sweep_and_report(mvtec_root, tmp_path):
     rows = [line.split(" | ")[0] for line in table.splitlines()[2:]]
     assert rows == ["| bottle", "| cable", "| **mean**"]
     assert table.splitlines()[0].count("I-AUROC") == 1  # one column group for the sweep
+
+
+@pytest.mark.parametrize("damage", ["corrupt_image", "mask_wrong_size", "empty_category"])
+def test_bad_files_fail_naming_the_path(tmp_path, damage):
+    from PIL import Image
+
+    root = fx.make_mvtec(tmp_path / "mv", ("bottle",))
+    if damage == "corrupt_image":
+        bad = root / "bottle" / "test" / "crack" / "001.png"
+        bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
+    elif damage == "mask_wrong_size":
+        bad = root / "bottle" / "ground_truth" / "crack" / "000_mask.png"
+        Image.new("L", (16, 16)).save(bad)
+    else:
+        for f in (root / "bottle" / "train" / "good").iterdir():
+            f.unlink()
+        bad = root / "bottle"  # the error names the category folder
+    out = tmp_path / "out"
+    proc = run("train.py", "data=mvtec", f"data.root={root}", *TINY, f"hydra.run.dir={out}", check=False)
+    assert proc.returncode != 0
+    assert str(bad) in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "results.json").exists() and not (out / "results.md").exists()
