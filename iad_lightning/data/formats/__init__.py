@@ -7,5 +7,6 @@ from iad_lightning.data.formats import (  # noqa: F401  (imported to register th
     mvtec,
     mvtec_loco,
     realiad,
+    synthetic,
     visa,
 )
