@@ -174,4 +174,4 @@ class FeatureExtractor(nn.Module):
             images.contiguous(memory_format=torch.channels_last), indices=wanted, intermediates_only=True, stop_early=True
         )
         by_index = dict(zip(wanted, feats))
-        return [by_index[i] for i in self.indices]
+        return [by_index[i].contiguous() for i in self.indices]  # callers get the usual NCHW layout
