@@ -81,15 +81,9 @@ class PatchCore(AnomalyModule):
         self._indices.append(batch["index"].cpu())
 
     def on_train_epoch_end(self) -> None:
-        features = torch.cat(self._features)
-        indices = torch.cat(self._indices)
-        self._features, self._indices = [], []
         group_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        features = gather_rows(features, group_device)
-        indices = gather_rows(indices[:, None], group_device)[:, 0]
-        # dataset order, without the duplicates a distributed sampler pads with
-        unique, first = _first_occurrence(indices)
-        bank = features[first].reshape(-1, features.shape[-1])
+        bank = _bank_in_dataset_order(self._features, self._indices, group_device)
+        self._features, self._indices = [], []
         device = self.device if self.hparams.coreset_device == "auto" else torch.device(self.hparams.coreset_device)
         keep = approximate_greedy_coreset(
             bank,
@@ -100,13 +94,43 @@ class PatchCore(AnomalyModule):
             device=device,
         )
         self.model.fit(bank[keep.cpu()].to(self.device))
-        self.print(f"PatchCore: {unique.numel()} train images, {bank.shape[0]} patches -> memory bank {keep.numel()}")
+        self.print(f"PatchCore: {bank.shape[0]} train patches -> memory bank {keep.numel()}")
         self.trainer.should_stop = True  # one pass over the data is the whole fit
 
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.feature_extractor(images)
         anomaly_map, score = self.model.predict(feats, images.shape[-2:])
         return {"anomaly_map": anomaly_map, "pred_score": score}
+
+
+def _bank_in_dataset_order(
+    features: list[torch.Tensor], indices: list[torch.Tensor], group_device: torch.device
+) -> torch.Tensor:
+    """All ranks' patch features as one (N_images * H * W, D) CPU tensor in dataset order.
+
+    Duplicates that a distributed sampler pads with are dropped. The per-batch tensors are
+    consumed while they are copied, so the peak stays near one copy of the bank.
+    """
+    idx = gather_rows(torch.cat(indices)[:, None], group_device)[:, 0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        local = torch.cat(features)
+        features.clear()
+        features.append(gather_rows(local, group_device))
+        del local
+    unique, first = _first_occurrence(idx)
+    slot = torch.full((int(idx.max()) + 1,), -1, dtype=torch.long)
+    slot[unique] = torch.arange(unique.numel())
+    shape = features[0].shape[1:]
+    bank = torch.empty((unique.numel(), *shape), dtype=torch.float32)
+    start = 0
+    while features:
+        chunk = features.pop(0)
+        rows = torch.arange(start, start + chunk.shape[0])
+        take = first[slot[idx[rows]]] == rows  # first occurrence of each image only
+        bank[slot[idx[rows[take]]]] = chunk[take]
+        start += chunk.shape[0]
+        del chunk
+    return bank.reshape(-1, shape[-1])
 
 
 def _first_occurrence(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
