@@ -1,0 +1,323 @@
+"""Benchmark: our PatchCore vs anomalib's on the shared real data sets.
+
+    python bench/patchcore.py [--datasets mvtec_screw kolektorsdd_commutator]
+                              [--coreset-ratio 0.1] [--with-anomalib]
+                              [--data-root ../shared/data] [--out /tmp/patchcore_bench.json]
+    python bench/patchcore.py --render A.json [B.json ...]   # tables from saved results
+
+Every configuration (implementation x dataset) runs in its own fresh subprocess, so that peak
+memory (max RSS of that process; peak CUDA memory too on a GPU) belongs to that run alone.
+Measured per run: fit time (train pass + memory bank / coreset), predict time (the whole test
+set, including the implementation's own metric pass), images/s of predict, peak memory, and the
+metrics image AUROC / AP / F1max, pixel AUROC / AU-PRO (at 0.3 FPR), always from the same
+function, ``iad_lightning.metrics.compute_metrics``, on each implementation's raw scores and maps.
+
+* ours: the Python API: ``AnomalyDataModule(format="mvtec", root=<data-root>, category=<set>)``,
+  ``PatchCore(backbone={"name": "tf_efficientnet_lite0", "layers": [2, 3], "weights": "lite0"})``
+  with the paper defaults otherwise, a ``lightning.Trainer``; ``trainer.fit`` and
+  ``trainer.test`` are timed separately.
+* anomalib (``--with-anomalib``): ``bench/_anomalib_patchcore.py`` run by the Python of a
+  separate venv (``--anomalib-python``, default ``/work/venvs/anomalib/bin/python``), see
+  ``bench/README.md`` for its recipe. Same data folders, backbone, weights, normalisation,
+  geometry (shorter side 256, centre crop 224), coreset ratio; anomalib's own
+  ``num_neighbors=9``. Its ``engine.fit`` also runs a validation pass over the test set (to fit
+  its score normalisation); that pass is reported apart and not counted in "fit".
+
+Data: MVTec-layout folders ``<data-root>/<set>`` (default ``<repo>/../shared/data``;
+CC BY-NC-SA 4.0, see its README.md for attribution; never copied into the repo). A missing set
+is skipped with a message. Results go to ``--out`` as JSON (not into the repo by default) and
+are printed as markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+DEFAULT_DATASETS = ("mvtec_screw", "kolektorsdd_commutator")
+DEFAULT_ANOMALIB_PYTHON = "/work/venvs/anomalib/bin/python"
+MARK = "BENCH_RESULT "
+METRICS = (
+    ("image_auroc", "image AUROC"),
+    ("image_ap", "image AP"),
+    ("image_f1max", "image F1max"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("pixel_aupro", "pixel AUPRO"),
+)
+
+
+# ------------------------------------------------------------------------------- worker: ours
+def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int, seed: int) -> dict:
+    """One fit + test of our PatchCore in this (fresh) process; returns the measurements."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*configure_optimizers.*")
+    import lightning as L
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    import iad_lightning.methods.patchcore as pc_module
+    from iad_lightning.data.datamodule import AnomalyDataModule
+    from iad_lightning.methods.patchcore import PatchCore
+
+    coreset_time = {}
+    original = pc_module.approximate_greedy_coreset
+
+    def timed_coreset(*args, **kwargs):  # records the coreset's share of the fit time
+        t = time.perf_counter()
+        out = original(*args, **kwargs)
+        coreset_time["s"] = time.perf_counter() - t
+        return out
+
+    pc_module.approximate_greedy_coreset = timed_coreset
+    workarounds = _work_around_channels_last()
+
+    L.seed_everything(seed, verbose=False)
+    datamodule = AnomalyDataModule(
+        format="mvtec", root=data_root, category=dataset, batch_size=batch_size, seed=seed
+    )
+    model = PatchCore(
+        backbone={"name": "tf_efficientnet_lite0", "layers": [2, 3], "weights": "lite0"},
+        coreset_ratio=coreset_ratio,
+        seed=seed,
+    )
+    datamodule.preprocess = model.preprocess
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    cuda = torch.cuda.is_available()
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    if cuda:
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    if cuda:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+
+    splits = datamodule.index_records()
+    n_test = len(splits["test"])
+    fe = model.feature_extractor
+    return {
+        "impl": "ours",
+        "dataset": dataset,
+        "torch_version": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "coreset_ratio": coreset_ratio,
+        "n_train": len(splits["train"]),
+        "n_test": n_test,
+        "memory_bank": list(model.model.memory_bank.shape),
+        "fit_s": t1 - t0,
+        "coreset_s": coreset_time.get("s"),
+        "fit_total_s": t1 - t0,
+        "validation_s": None,  # no validation pass
+        "predict_s": t2 - t1,  # trainer.test: inference + our metrics
+        "predict_images_per_s": n_test / (t2 - t1),
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "metrics": model.results["categories"][dataset],
+        "feature_channels": fe.channels,
+        "feature_reductions": fe.reductions,
+        "normalisation": [list(fe.mean), list(fe.std)],
+        "preprocess": {"resize": model.hparams.resize, "crop": model.hparams.crop},
+        "workarounds": workarounds,
+    }
+
+
+def _work_around_channels_last() -> list[str]:
+    """Keep the bench running on a package whose patch unfold rejects channels_last maps.
+
+    Since commit b5cf450 ``FeatureExtractor`` returns channels_last feature maps and
+    ``models.patchcore._unfold_components`` ends in ``.view``, which raises on them
+    ("view size is not compatible with input tensor's size and stride"). If that is still so,
+    the maps are made contiguous before the unfold (one small copy per layer and batch) and the
+    result says so; once the package is fixed this does nothing.
+    """
+    import torch
+
+    import iad_lightning.models.patchcore as pc_models
+
+    original = pc_models._unfold_components
+    try:
+        original(torch.zeros(1, 2, 4, 4).to(memory_format=torch.channels_last), 3)
+        return []
+    except RuntimeError as err:
+        print(f"[bench] WARNING: package bug, _unfold_components on channels_last input: {err}; "
+              "using .contiguous() before it", file=sys.stderr, flush=True)
+
+    def unfold_contiguous(feat, patch_size=3):
+        return original(feat.contiguous(), patch_size)
+
+    pc_models._unfold_components = unfold_contiguous
+    return ["_unfold_components(feat.contiguous()): channels_last maps break its .view (commit b5cf450)"]
+
+
+# ------------------------------------------------------------------------------- parent side
+def run_subprocess(cmd: list[str], label: str, log_dir: Path, env: dict | None = None) -> dict | None:
+    """Run one configuration in a fresh process; parse its result line; keep its log."""
+    log_path = log_dir / f"{label}.log"
+    print(f"[bench] {label}: {' '.join(cmd)}", flush=True)
+    t = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env)
+        out, _ = proc.communicate()
+        log.write("\n--- stdout ---\n" + out)
+    # ru_maxrss of this child alone (waited for by communicate) is also in the child's own report
+    wall = time.perf_counter() - t
+    results = [json.loads(line[len(MARK):]) for line in out.splitlines() if line.startswith(MARK)]
+    if proc.returncode != 0 or not results:
+        tail = log_path.read_text().strip().splitlines()[-15:]
+        print(f"[bench] {label} FAILED (exit {proc.returncode}); log {log_path}:\n  " + "\n  ".join(tail), flush=True)
+        return None
+    result = results[-1]
+    result["wall_s"] = wall
+    result["log"] = str(log_path)
+    print(
+        f"[bench] {label}: fit {result['fit_s']:.1f}s, predict {result['predict_s']:.1f}s, "
+        f"max RSS {result['max_rss_mib']:.0f} MiB, image AUROC {fmt(result['metrics']['image_auroc'])}",
+        flush=True,
+    )
+    return result
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}×" if a is not None and b not in (None, 0) else "–"
+
+
+def table(dataset: str, runs: dict[str, dict]) -> str:
+    """Markdown table of one data set: a column per implementation, ratio anomalib/ours."""
+    impls = [i for i in ("ours", "anomalib") if i in runs]
+    both = len(impls) == 2
+    any_r = next(iter(runs.values()))
+    head = f"**{dataset}** ({any_r['n_train']} train / {any_r['n_test']} test images, coreset ratio {any_r['coreset_ratio']}, device {any_r['device']})\n\n"
+    cols = ["", *impls] + (["anomalib / ours"] if both else [])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+
+    def row(label, key, digits=1, with_ratio=True, src=None):
+        vals = [(src or (lambda r: r.get(key)))(runs[i]) for i in impls]
+        cells = [fmt(v, digits) if isinstance(v, float) else fmt(v) for v in vals]
+        if both:
+            cells.append(ratio(vals[1], vals[0]) if with_ratio else "")
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+
+    row("fit (s)", "fit_s")
+    row("  of which coreset (s)", "coreset_s")
+    if "anomalib" in runs:
+        row("  + validation pass, anomalib only (s)", "validation_s", with_ratio=False)
+    row("predict (s)", "predict_s")
+    row("predict images/s", "predict_images_per_s", digits=2)
+    row("peak RSS (MiB)", "max_rss_mib", digits=0)
+    if any(r.get("cuda_peak_mib") for r in runs.values()):
+        row("peak CUDA (MiB)", "cuda_peak_mib", digits=0)
+    row("memory bank", "memory_bank", with_ratio=False, src=lambda r: "×".join(map(str, r["memory_bank"])))
+    for key, label in METRICS:
+        row(label, key, digits=4, with_ratio=False, src=lambda r, k=key: r["metrics"].get(k))
+    if "anomalib" in runs and runs["anomalib"].get("anomalib_metrics"):
+        own = runs["anomalib"]["anomalib_metrics"]
+        for key, label in (("image_AUROC", "anomalib's own image AUROC"), ("pixel_AUROC", "anomalib's own pixel AUROC")):
+            if key in own:
+                lines.append("| " + " | ".join([label, *(["–", fmt(own[key])] if both else [fmt(own[key])])] + ([""] if both else [])) + " |")
+    notes = [f"\n\n{i}: workaround applied: {w}" for i in impls for w in runs[i].get("workarounds", [])]
+    return head + "\n".join(lines) + "".join(notes)
+
+
+def render(results: list[dict]) -> str:
+    by_set: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        if r["impl"] == "ours":
+            r["validation_s"] = None  # ours has no validation pass (older result files said 0.0)
+        by_set.setdefault((r["dataset"], r["coreset_ratio"]), {})[r["impl"]] = r
+    return "\n\n".join(table(ds, runs) for (ds, _), runs in by_set.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS))
+    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
+    parser.add_argument("--with-anomalib", action="store_true", help="also run anomalib (needs its venv)")
+    parser.add_argument("--anomalib-python", default=DEFAULT_ANOMALIB_PYTHON)
+    parser.add_argument("--skip-ours", action="store_true", help="run anomalib only")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON file (default /tmp/patchcore_bench_<host>.json)")
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="only print tables from saved JSON files")
+    parser.add_argument("--_worker-ours", dest="worker", metavar="DATASET", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:  # inside the fresh subprocess
+        result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed)
+        print(MARK + json.dumps(result), flush=True)
+        return
+    if args.render:
+        results = [r for path in args.render for r in json.loads(Path(path).read_text())["runs"]]
+        print(render(results))
+        return
+
+    data_root = Path(args.data_root).resolve()
+    out = Path(args.out or f"/tmp/patchcore_bench_{platform.node() or 'host'}.json")
+    log_dir = out.with_suffix("").parent / (out.stem + "_logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    anomalib_ok = False
+    if args.with_anomalib:
+        anomalib_ok = Path(args.anomalib_python).is_file()
+        if not anomalib_ok:
+            print(f"[bench] anomalib venv python '{args.anomalib_python}' not found: anomalib skipped "
+                  "(recipe in bench/README.md)", flush=True)
+    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore::FutureWarning")
+
+    results: list[dict] = []
+    for dataset in args.datasets:
+        if not (data_root / dataset / "train").is_dir():
+            print(f"[bench] skip {dataset}: no MVTec-layout folder {data_root / dataset}", flush=True)
+            continue
+        common = ["--coreset-ratio", str(args.coreset_ratio), "--seed", str(args.seed),
+                  "--batch-size", str(args.batch_size), "--data-root", str(data_root)]
+        if anomalib_ok:
+            cmd = [args.anomalib_python, str(REPO / "bench" / "_anomalib_patchcore.py"), "--dataset", dataset, *common]
+            r = run_subprocess(cmd, f"anomalib_{dataset}_{args.coreset_ratio}", log_dir, env)
+            if r:
+                results.append(r)
+        if not args.skip_ours:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common]
+            r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}", log_dir, env)
+            if r:
+                results.append(r)
+        out.write_text(json.dumps({"host": platform.node(), "python": sys.version.split()[0],
+                                   "cpu_count": os.cpu_count(), "runs": results}, indent=1))
+
+    if not results:
+        print("[bench] nothing ran", flush=True)
+        return
+    print(f"\n[bench] results: {out}\n")
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
