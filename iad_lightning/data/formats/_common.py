@@ -43,6 +43,12 @@ def order_categories(found: Iterable[str], official: Sequence[str] = ()) -> list
     return [c for c in official if c in found] + sorted(found - set(official))
 
 
+def split_layout_categories(root: Path, official: Sequence[str] = ()) -> list[str]:
+    """Sub-folders of ``root`` that hold a ``train/`` or ``test/`` folder (MVTec-like layouts)."""
+    found = [d.name for d in subdirs(root) if (d / "train").is_dir() or (d / "test").is_dir()]
+    return order_categories(found, official)
+
+
 def images_by_stem(folder: Path) -> dict[str, Path]:
     """Map stem -> image file in ``folder`` (first by sorted name if a stem has several files)."""
     out: dict[str, Path] = {}

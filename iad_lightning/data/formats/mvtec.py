@@ -13,7 +13,7 @@ from iad_lightning.data.formats._common import (
     find_mask,
     images_by_stem,
     list_images,
-    order_categories,
+    split_layout_categories,
     require_category_dir,
     subdirs,
 )
@@ -44,10 +44,7 @@ class MVTecAD(DatasetIndex):
     mask_suffixes: ClassVar[tuple[str, ...]] = ("_mask", "")
 
     def categories(self) -> list[str]:
-        found = [
-            d.name for d in subdirs(self.root) if (d / "train").is_dir() or (d / "test").is_dir()
-        ]
-        return order_categories(found, self.official_categories)
+        return split_layout_categories(self.root, self.official_categories)
 
     def records(self, category: str) -> list[Record]:
         cat_dir = require_category_dir(self.root, category, self.name)

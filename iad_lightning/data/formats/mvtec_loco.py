@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from iad_lightning.data.formats._common import (
     check_not_empty,
     list_images,
-    order_categories,
+    split_layout_categories,
     require_category_dir,
     subdirs,
 )
@@ -34,10 +34,7 @@ class MVTecLOCO(DatasetIndex):
     official_categories: ClassVar[tuple[str, ...]] = MVTEC_LOCO_CATEGORIES
 
     def categories(self) -> list[str]:
-        found = [
-            d.name for d in subdirs(self.root) if (d / "train").is_dir() or (d / "test").is_dir()
-        ]
-        return order_categories(found, self.official_categories)
+        return split_layout_categories(self.root, self.official_categories)
 
     def records(self, category: str) -> list[Record]:
         cat_dir = require_category_dir(self.root, category, self.name)
