@@ -80,7 +80,6 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
         return out
 
     pc_module.approximate_greedy_coreset = timed_coreset
-    workarounds = _work_around_channels_last()
 
     L.seed_everything(seed, verbose=False)
     datamodule = AnomalyDataModule(
@@ -138,36 +137,7 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
         "feature_reductions": fe.reductions,
         "normalisation": [list(fe.mean), list(fe.std)],
         "preprocess": {"resize": model.hparams.resize, "crop": model.hparams.crop},
-        "workarounds": workarounds,
     }
-
-
-def _work_around_channels_last() -> list[str]:
-    """Keep the bench running on a package whose patch unfold rejects channels_last maps.
-
-    Since commit b5cf450 ``FeatureExtractor`` returns channels_last feature maps and
-    ``models.patchcore._unfold_components`` ends in ``.view``, which raises on them
-    ("view size is not compatible with input tensor's size and stride"). If that is still so,
-    the maps are made contiguous before the unfold (one small copy per layer and batch) and the
-    result says so; once the package is fixed this does nothing.
-    """
-    import torch
-
-    import iad_lightning.models.patchcore as pc_models
-
-    original = pc_models._unfold_components
-    try:
-        original(torch.zeros(1, 2, 4, 4).to(memory_format=torch.channels_last), 3)
-        return []
-    except RuntimeError as err:
-        print(f"[bench] WARNING: package bug, _unfold_components on channels_last input: {err}; "
-              "using .contiguous() before it", file=sys.stderr, flush=True)
-
-    def unfold_contiguous(feat, patch_size=3):
-        return original(feat.contiguous(), patch_size)
-
-    pc_models._unfold_components = unfold_contiguous
-    return ["_unfold_components(feat.contiguous()): channels_last maps break its .view (commit b5cf450)"]
 
 
 # ------------------------------------------------------------------------------- parent side
@@ -243,8 +213,7 @@ def table(dataset: str, runs: dict[str, dict]) -> str:
         for key, label in (("image_AUROC", "anomalib's own image AUROC"), ("pixel_AUROC", "anomalib's own pixel AUROC")):
             if key in own:
                 lines.append("| " + " | ".join([label, *(["–", fmt(own[key])] if both else [fmt(own[key])])] + ([""] if both else [])) + " |")
-    notes = [f"\n\n{i}: workaround applied: {w}" for i in impls for w in runs[i].get("workarounds", [])]
-    return head + "\n".join(lines) + "".join(notes)
+    return head + "\n".join(lines)
 
 
 def render(results: list[dict]) -> str:

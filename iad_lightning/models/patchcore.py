@@ -52,7 +52,7 @@ def _unfold_components(feat: Tensor, patch_size: int = 3) -> Tensor:
     out_h, out_w = h + 2 * pad - patch_size + 1, w + 2 * pad - patch_size + 1
     padded = F.pad(feat, (pad, pad, pad, pad))
     shifts = [padded[:, :, i : i + out_h, j : j + out_w] for i in range(patch_size) for j in range(patch_size)]
-    return torch.stack(shifts, dim=2).view(b, c * patch_size * patch_size, out_h, out_w)
+    return torch.stack(shifts, dim=2).reshape(b, c * patch_size * patch_size, out_h, out_w)  # any memory layout
 
 
 def unfold_neighbourhood(feat: Tensor, patch_size: int = 3) -> Tensor:

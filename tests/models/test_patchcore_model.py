@@ -341,3 +341,10 @@ def test_ivfpq_needs_enough_rows():
     assert not search.exact
     with pytest.raises(ValueError, match="at least 512"):
         search.search(torch.randn(2, 64), 1)
+
+
+def test_unfold_accepts_channels_last_maps():
+    from iad_lightning.models.patchcore import _unfold_components
+
+    x = torch.randn(2, 5, 7, 7)
+    assert torch.equal(_unfold_components(x), _unfold_components(x.to(memory_format=torch.channels_last)))
