@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from iad_lightning.data.records import Record
 from iad_lightning.errors import DatasetError
@@ -120,3 +122,13 @@ def check_threshold(value: int, fmt: str) -> int:
             f"(a mask pixel is anomalous iff its 8-bit value is > mask_threshold)"
         )
     return value
+
+
+def read_json(path: Path, what: str, missing_hint: str) -> Any:
+    """Parse a JSON index file; a missing or unreadable file raises DatasetError naming it."""
+    if not path.is_file():
+        raise DatasetError(f"{what} '{path}' not found; {missing_hint}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read {what} '{path}': {e}") from e

@@ -14,11 +14,10 @@ Schema: ``{"train"|"test": {cls_name: [{"img_path", "mask_path", "cls_name", "sp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from iad_lightning.data.formats._common import check_not_empty, check_threshold
+from iad_lightning.data.formats._common import check_not_empty, check_threshold, read_json
 from iad_lightning.data.formats.base import DatasetIndex, register
 from iad_lightning.data.records import Record, Split
 from iad_lightning.errors import DatasetError
@@ -66,15 +65,12 @@ class AnomalyCLIPMeta(DatasetIndex):
     def _load(self) -> dict[Split, dict[str, list[dict[str, Any]]]]:
         """The file grouped by split ("train"/"val"/"test") then class, with keys validated."""
         path = self.meta_file
-        if not path.is_file():
-            raise DatasetError(
-                f"meta file '{path}' not found; set data.options.meta_file (relative to "
-                f"data.root) or generate it with AnomalyCLIP's generate_dataset_json scripts"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DatasetError(f"cannot read meta file '{path}': {e}") from e
+        data = read_json(
+            path,
+            "meta file",
+            "set data.options.meta_file (relative to data.root) or generate it with "
+            "AnomalyCLIP's generate_dataset_json scripts",
+        )
         if not isinstance(data, dict):
             raise DatasetError(f"meta file '{path}' must be an object with 'train'/'test' keys")
         unknown = sorted(k for k in data if k not in SPLIT_KEYS)

@@ -11,12 +11,16 @@ Train records keep their JSON label (the ``fuiad`` noisy-train JSONs contain ano
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from iad_lightning.data.formats._common import check_not_empty, check_threshold, order_categories
+from iad_lightning.data.formats._common import (
+    check_not_empty,
+    check_threshold,
+    order_categories,
+    read_json,
+)
 from iad_lightning.data.formats.base import DatasetIndex, register
 from iad_lightning.data.records import Record
 from iad_lightning.errors import DatasetError
@@ -81,15 +85,11 @@ class RealIAD(DatasetIndex):
     def load_json(self, category: str) -> dict[str, Any]:
         """The category's JSON, with its ``meta`` and sample keys validated."""
         path = self.json_dir / f"{category}.json"
-        if not path.is_file():
-            raise DatasetError(
-                f"Real-IAD index '{path}' not found for category '{category}'; check "
-                f"data.category and data.options.json_dir"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DatasetError(f"cannot read Real-IAD index '{path}': {e}") from e
+        data = read_json(
+            path,
+            "Real-IAD index",
+            f"no index for category '{category}'; check data.category and data.options.json_dir",
+        )
         if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
             raise DatasetError(f"Real-IAD index '{path}': missing object key 'meta'")
         for key in META_KEYS:
