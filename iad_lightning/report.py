@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from iad_lightning.metrics import METRIC_KEYS
-from iad_lightning.results import SHORT_NAMES, _fmt, atomic_write
+from iad_lightning.results import SHORT_NAMES, _fmt, atomic_write, mean_over_categories
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -59,10 +59,7 @@ def build_report(root: str | Path, metrics: tuple[str, ...] | None = None) -> st
             group = results.setdefault(name, {"categories": {}})
         group["categories"].update(res["categories"])
     for group in results.values():
-        group["mean"] = {
-            k: (float(sum(v)) / len(v) if (v := [m[k] for m in group["categories"].values() if m.get(k) is not None]) else None)
-            for k in METRIC_KEYS
-        }
+        group["mean"] = mean_over_categories(group["categories"])
     keys = metrics or tuple(
         k for k in METRIC_KEYS if any(r["mean"].get(k) is not None for r in results.values())
     )

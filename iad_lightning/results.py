@@ -22,6 +22,15 @@ SHORT_NAMES = {
 }
 
 
+def mean_over_categories(per_category: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
+    """Unweighted mean of each metric over the categories that define it (None if none does)."""
+    mean: dict[str, float | None] = {}
+    for key in METRIC_KEYS:
+        values = [m[key] for m in per_category.values() if m.get(key) is not None]
+        mean[key] = float(sum(values)) / len(values) if values else None
+    return mean
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

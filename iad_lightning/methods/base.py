@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from iad_lightning.checkpoint import CONFIG_KEY
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.distributed import gather_objects
-from iad_lightning.metrics import METRIC_KEYS, compute_metrics
+from iad_lightning.metrics import compute_metrics
+from iad_lightning.results import mean_over_categories
 
 
 class AnomalyModule(L.LightningModule):
@@ -110,8 +111,4 @@ def metrics_per_category(pred: dict[str, np.ndarray], datamodule: Any = None) ->
             pred["anomaly_map"][sel] if has_masks else None,
             pred["mask"][sel] if has_masks else None,
         )
-    mean = {}
-    for key in METRIC_KEYS:
-        values = [m[key] for m in per_cat.values() if m[key] is not None]
-        mean[key] = float(np.mean(values)) if values else None
-    return {"categories": per_cat, "mean": mean}
+    return {"categories": per_cat, "mean": mean_over_categories(per_cat)}
