@@ -33,6 +33,7 @@ def _build(cfg: DictConfig, model: L.LightningModule) -> tuple[L.LightningDataMo
         logger=loggers or False,
         default_root_dir=cfg.paths.output_dir,
     )
+    model.configure_data(datamodule, trainer.world_size)
     return datamodule, trainer
 
 

@@ -49,6 +49,7 @@ class AnomalyDataModule(L.LightningDataModule):
     options: format-specific keyword options (e.g. ``json_dir`` for Real-IAD).
     val_fraction: share of train good images held out as validation (native validation splits,
         e.g. MVTec LOCO's, are used as they are and added to it).
+    batch_size: per-device train batch; null lets the method choose (``configure_data``).
     The method sets ``preprocess`` before the loaders are built.
     """
 
@@ -58,7 +59,7 @@ class AnomalyDataModule(L.LightningDataModule):
         root: str,
         category: str | Sequence[str] = "all",
         options: dict[str, Any] | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         val_fraction: float = 0.0,
@@ -69,12 +70,21 @@ class AnomalyDataModule(L.LightningDataModule):
         super().__init__()
         self.format, self.root, self.category = format, str(root), category
         self.options = dict(options or {})
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.batch_size, self._eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.val_fraction, self.shuffle = num_workers, val_fraction, shuffle
         self.seed, self.pin_memory = seed, pin_memory
         self.preprocess: Preprocess | None = None
         self._splits: dict[str, list[Record]] | None = None
         self.categories: list[str] = []
+
+    @property
+    def eval_batch_size(self) -> int | None:
+        """Batch size of validation and test loaders (the train batch size unless set)."""
+        return self._eval_batch_size or self.batch_size
+
+    @eval_batch_size.setter
+    def eval_batch_size(self, value: int | None) -> None:
+        self._eval_batch_size = value
 
     def index_records(self) -> dict[str, list[Record]]:
         """Index the dataset once: {"train": [...], "val": [...], "test": [...]}."""
@@ -104,7 +114,9 @@ class AnomalyDataModule(L.LightningDataModule):
             raise ConfigError("datamodule.preprocess is unset: the method must set it before loading")
         return AnomalyDataset(self.index_records()[split], self.preprocess)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int | None, shuffle: bool) -> DataLoader:
+        if batch_size is None:
+            raise ConfigError("data.batch_size is null and the method did not set it; set data.batch_size=N")
         return DataLoader(
             self.dataset(split),
             batch_size=batch_size,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from iad_lightning.checkpoint import CONFIG_KEY
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.distributed import gather_objects
+from iad_lightning.errors import ConfigError
 from iad_lightning.metrics import compute_metrics
 from iad_lightning.results import mean_over_categories
 
@@ -38,6 +39,16 @@ class AnomalyModule(L.LightningModule):
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{"anomaly_map": (B,1,H,W), "pred_score": (B,)}`` for normalised images."""
         raise NotImplementedError
+
+    def configure_data(self, datamodule: Any, world_size: int) -> None:
+        """Adapt the datamodule once the trainer exists (e.g. per-device batch from an effective
+        batch). Called by ``train.py`` and ``test.py`` before any loader is built; default: no-op."""
+
+    def export_module(self) -> torch.nn.Module:
+        """The pure-torch inference graph ``images -> (anomaly_map, pred_score)`` with every
+        normalisation baked in, for ``python -m iad_lightning.export``. Methods that can be
+        exported override this."""
+        raise ConfigError(f"method {type(self).__name__} cannot be exported (no export_module)")
 
     # -- shared evaluation path ---------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -257,3 +257,31 @@ def test_mvtec_on_shared_real_data() -> None:
     ksdd = index.records("kolektorsdd_commutator")
     assert counts(ksdd) == {("train", 0): 230, ("test", 0): 103, ("test", 1): 50}
     load_all([r for r in ksdd if r.split == "test"][::25], "kolektorsdd_commutator")
+
+
+def test_images_format_lists_a_folder_recursively(tmp_path):
+    from PIL import Image
+
+    from iad_lightning.data.formats.base import get_index
+    from iad_lightning.data.formats.images import find_images
+    from iad_lightning.errors import DatasetError
+
+    for rel in ("n01/a.JPEG", "n01/b.png", "n02/sub/c.jpg", ".hidden/d.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / rel, format="PNG")
+    (tmp_path / "n01" / "notes.txt").write_text("x")
+    index = get_index("images", tmp_path)
+    recs = index.records("images")
+    assert [r.image.split("/")[-1] for r in recs] == ["a.JPEG", "b.png", "c.jpg"]
+    assert {r.split for r in recs} == {"train"} and index.categories() == ["images"]
+    assert len(get_index("images", tmp_path, limit=2).records("images")) == 2
+    with pytest.raises(DatasetError, match="holds no images"):
+        find_images(_empty(tmp_path))
+    with pytest.raises(DatasetError, match="does not exist"):
+        find_images(tmp_path / "missing")
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d

@@ -14,7 +14,7 @@ def _compose(name: str, overrides: list[str], hydra_cfg: bool = False):
         return compose(name, overrides=overrides, return_hydra_config=hydra_cfg)
 
 
-@pytest.mark.parametrize("data", ["synthetic", "mvtec", "mpdd", "btad", "visa", "realiad", "mvtec_loco", "anomalyclip", "folder"])
+@pytest.mark.parametrize("data", ["synthetic", "mvtec", "mpdd", "btad", "visa", "realiad", "mvtec_loco", "anomalyclip", "folder", "images"])
 def test_every_dataset_config_composes(data):
     cfg = _compose("train", [f"data={data}"])
     assert cfg.data.format == data

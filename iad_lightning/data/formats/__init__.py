@@ -4,6 +4,7 @@ from iad_lightning.data.formats import (  # noqa: F401  (imported to register th
     anomalyclip_meta,
     btad,
     folder,
+    images,
     mvtec,
     mvtec_loco,
     realiad,
