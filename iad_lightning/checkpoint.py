@@ -13,13 +13,22 @@ from iad_lightning.errors import ConfigError
 
 CONFIG_KEY = "iad_method_config"
 
+# Files a method reads only while fitting (their tensors are in the checkpoint): nulled on reload,
+# so test.py needs neither the file nor its path (EfficientAD's teacher and penalty images,
+# UniAD's official checkpoint).
+FIT_ONLY_FILES = ("teacher_weights", "penalty_dir", "official_checkpoint")
+
 
 def _offline_backbones(cfg: Any) -> Any:
-    """Set every nested ``backbone.weights`` to "none": the checkpoint holds those tensors."""
+    """Set every nested ``backbone.weights`` to "none" and every ``FIT_ONLY_FILES`` key to None:
+    the checkpoint holds those tensors."""
     if isinstance(cfg, dict):
         out = {k: _offline_backbones(v) for k, v in cfg.items()}
         if isinstance(out.get("backbone"), dict) and "weights" in out["backbone"]:
             out["backbone"] = {**out["backbone"], "weights": "none"}
+        for key in FIT_ONLY_FILES:
+            if key in out:
+                out[key] = None
         return out
     if isinstance(cfg, list):
         return [_offline_backbones(v) for v in cfg]
