@@ -13,22 +13,14 @@ checkpoint, and test.py reproducing the results exactly without re-fitting.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
-    """The entry point as a user runs it (as tests/run/test_entrypoints.py does)."""
-    cmd = [sys.executable, str(REPO / script), *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_entrypoints import run  # the entry point as a user runs it
 
 CATEGORIES = ["fabric", "wood", "gear", "pcb", "blister"]
 BUDGET = [
