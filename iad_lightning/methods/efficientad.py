@@ -11,8 +11,9 @@ Deviations from specs/efficientad.md (also noted where they happen):
 - The validation split is the framework's seeded permutation per category (``data.seed=42``), not
   ``torch.utils.data.random_split`` with seed 42, so the held-out images differ from nelson's.
 - Maps are evaluated at the preprocessed input size (framework-wide choice), not the original H x W.
-- Statistics under DDP: every rank computes the teacher statistics and the quantiles over the full
-  split itself (deterministic, no gather); training itself uses batch 1 per rank.
+- Statistics under DDP: each rank runs the teacher (statistics) and the three networks (quantiles)
+  on its strided shard of the split only; the channel sums are all-reduced and the map pixels
+  gathered, so every rank ends with the same values as one process. Training uses batch 1 per rank.
 - The teacher channel std is computed in one float64 pass as sqrt(E[T^2] - mu^2) (nelson: two passes;
   the same value). Adam is torch's fused implementation (same update rule).
 - Extra options, paper values by default: ``ae_map_weight`` (0.5: the two maps averaged),
@@ -29,13 +30,14 @@ from typing import Any, Iterator
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from iad_lightning.data.formats.images import find_images
 from iad_lightning.data.io import load_image
 from iad_lightning.data.transforms import Preprocess
+from iad_lightning.distributed import gather_objects, gather_rows, is_distributed
 from iad_lightning.errors import ConfigError
 from iad_lightning.methods.base import AnomalyModule
 from iad_lightning.models.efficientad import (
@@ -176,9 +178,16 @@ class EfficientAD(AnomalyModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def _loader(self, split: str) -> DataLoader:
+        """This rank's strided shard of ``split`` (all of it in one process) for the statistics."""
         dm = self.trainer.datamodule
-        return DataLoader(dm.dataset(split), batch_size=self.hparams.stats_batch_size, shuffle=False,
-                          num_workers=dm.num_workers)
+        ds = dm.dataset(split)
+        if is_distributed():
+            ds = Subset(ds, range(torch.distributed.get_rank(), len(ds), torch.distributed.get_world_size()))
+        return DataLoader(ds, batch_size=self.hparams.stats_batch_size, shuffle=False, num_workers=dm.num_workers)
+
+    def _group_device(self) -> torch.device:
+        """Where collectives run: the rank's GPU (nccl) or the CPU (gloo)."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def on_train_start(self) -> None:
         self.fit_teacher_statistics(self._loader("train"))
@@ -196,17 +205,24 @@ class EfficientAD(AnomalyModule):
     def fit_teacher_statistics(self, loader: DataLoader) -> None:
         """mu_c = mean over images of per-image spatial means; sigma_c^2 = mean over images of the
         per-image mean of (T - mu_c)^2 = E[T^2] - mu_c^2, accumulated in float64 in one pass
-        (nelson uses two passes; same value). Per-image means make it batch-size independent."""
-        first = torch.zeros(self.hparams.out_channels, dtype=torch.float64, device=self.device)
-        second = torch.zeros_like(first)
-        n = 0
+        (nelson uses two passes; same value). Per-image means make it batch-size independent.
+        Under DDP ``loader`` is this rank's shard; the sums and counts are all-reduced."""
+        c = self.hparams.out_channels
+        sums = torch.zeros(2 * c + 1, dtype=torch.float64, device=self.device)  # [sum mean_c, sum E[T^2]_c, n]
         for batch in loader:
             t = self.model.teacher(batch["image"].to(self.device)).double()
-            first += t.mean(dim=(2, 3)).sum(0)
-            second += (t * t).mean(dim=(2, 3)).sum(0)
-            n += t.shape[0]
-        mean = first / n
-        std = (second / n - mean * mean).clamp_min(0).sqrt()
+            sums[:c] += t.mean(dim=(2, 3)).sum(0)
+            sums[c : 2 * c] += (t * t).mean(dim=(2, 3)).sum(0)
+            sums[-1] += t.shape[0]
+        if is_distributed():
+            total = sums.to(self._group_device())
+            torch.distributed.all_reduce(total)
+            sums = total.to(self.device)
+        n = sums[-1]
+        if n == 0:
+            raise ConfigError("EfficientAD: no train images for the teacher statistics")
+        mean = sums[:c] / n
+        std = (sums[c : 2 * c] / n - mean * mean).clamp_min(0).sqrt()
         self.model.teacher_mean.copy_(mean.view(1, -1, 1, 1).float())
         self.model.teacher_std.copy_(std.view(1, -1, 1, 1).float())
 
@@ -270,24 +286,30 @@ class EfficientAD(AnomalyModule):
     @torch.no_grad()
     def fit_map_quantiles(self, loader: DataLoader) -> None:
         """q_a / q_b quantiles of every validation pixel of M_ST and M_AE (spec §5), exact
-        (kthvalue, no 2**24 limit), on the un-padded maps before the 4-px padding (nelson's order)."""
+        (kthvalue, no 2**24 limit), on the un-padded maps before the 4-px padding (nelson's order).
+        Under DDP ``loader`` is this rank's shard; the pixels of all ranks are gathered first."""
         was_training = self.model.training
         self.model.eval()
-        maps_st, maps_ae = [], []
+        maps_st, maps_ae = [torch.empty(0)], [torch.empty(0)]  # flattened pixels, on the CPU
+        n_images = 0
         for batch in loader:
             m_st, m_ae = self.model.raw_maps(batch["image"].to(self.device))
-            maps_st.append(m_st.float().cpu())
-            maps_ae.append(m_ae.float().cpu())
+            maps_st.append(m_st.float().flatten().cpu())
+            maps_ae.append(m_ae.float().flatten().cpu())
+            n_images += m_st.shape[0]
         self.model.train(was_training)
-        if not maps_st:
-            raise ConfigError("EfficientAD: the validation split is empty; set data.val_fraction")
         st, ae = torch.cat(maps_st), torch.cat(maps_ae)
+        if is_distributed():
+            st, ae = gather_rows(st, self._group_device()), gather_rows(ae, self._group_device())
+            n_images = sum(gather_objects(n_images))
+        if n_images == 0:
+            raise ConfigError("EfficientAD: the validation split is empty; set data.val_fraction")
         qa, qb = self.hparams.q_a, self.hparams.q_b
         m = self.model
         for buf, value in ((m.q_st_start, exact_quantile(st, qa)), (m.q_st_end, exact_quantile(st, qb)),
                            (m.q_ae_start, exact_quantile(ae, qa)), (m.q_ae_end, exact_quantile(ae, qb))):
             buf.copy_(value.to(buf.device))
-        rank_zero_info(f"EfficientAD: map quantiles from {len(st)} validation images: "
+        rank_zero_info(f"EfficientAD: map quantiles from {n_images} validation images: "
                        f"ST [{m.q_st_start.item():.4g}, {m.q_st_end.item():.4g}], "
                        f"AE [{m.q_ae_start.item():.4g}, {m.q_ae_end.item():.4g}]")
 

@@ -1,5 +1,8 @@
 """EfficientAD LightningModule: schedule, fit-time statistics, losses, errors, config (spec §4, §5, §8)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,3 +172,61 @@ def test_preprocess_normalises_once_at_exact_size():
     assert pre.mean == IMAGENET_MEAN and pre.std == IMAGENET_STD
     assert all(isinstance(layer, (torch.nn.Conv2d, torch.nn.ReLU, torch.nn.AvgPool2d)) for layer in module.model.teacher)
     assert module.export_module() is module.model
+
+
+DDP_WORKER = '''
+import sys
+from types import SimpleNamespace
+import torch
+import torch.distributed as dist
+from iad_lightning.methods.efficientad import EfficientAD
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return {"image": self.x[i]}
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    train = torch.randn(5, 3, 64, 64, generator=g) * torch.rand(5, 1, 1, 1, generator=g)
+    return {"train": Images(train), "val": Images(torch.randn(1, 3, 64, 64, generator=g))}
+
+torch.manual_seed(0)
+module = EfficientAD(image_size=64, stats_batch_size=2)
+splits = data()
+module._trainer = SimpleNamespace(datamodule=SimpleNamespace(dataset=splits.__getitem__, num_workers=0))
+distributed = len(sys.argv) > 2
+if distributed:
+    dist.init_process_group("gloo")
+module.fit_teacher_statistics(module._loader("train"))  # shards of 3 and 2 images
+module.fit_map_quantiles(module._loader("val"))  # one image: rank 1's shard is empty
+rank = dist.get_rank() if distributed else 0
+stats = {k: v for k, v in module.model.state_dict().items() if k.startswith(("teacher_", "q_"))}
+stats["shard"] = torch.tensor(len(module._loader("train").dataset))
+torch.save(stats,
+           f"{sys.argv[1]}/stats_{'ddp' if distributed else 'single'}_{rank}.pt")
+if distributed:
+    dist.destroy_process_group()
+'''
+
+
+def test_statistics_under_ddp_are_sharded_and_equal_one_process(tmp_path):
+    """2 gloo processes: each rank reads its shard; reduced/gathered statistics = one process."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(CONF).parent), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(worker), str(tmp_path)], check=True, timeout=120, env=env)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(tmp_path), "ddp"], check=False, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = torch.load(tmp_path / "stats_single_0.pt", weights_only=True)
+    for rank in (0, 1):
+        ddp = torch.load(tmp_path / f"stats_ddp_{rank}.pt", weights_only=True)
+        assert ddp.keys() == single.keys() and len(single) == 7
+        assert int(ddp["shard"]) == (3, 2)[rank] and int(single["shard"]) == 5  # images 0,2,4 and 1,3
+        for key in single.keys() - {"shard"}:
+            torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert float(single["q_st_end"]) > float(single["q_st_start"])  # fitted, not the defaults
