@@ -65,3 +65,21 @@ def test_checkpoint_is_clean_and_test_py_reproduces(trained, tmp_path):
     run("test.py", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=synthetic", "trainer.accelerator=cpu",
         "callbacks=none", "logger=none", f"hydra.run.dir={out}")
     assert json.loads((out / "results.json").read_text()) == json.loads((trained / "results.json").read_text())
+
+
+def test_ddp_splits_the_effective_batch_over_devices(tmp_path):
+    """2 CPU processes (gloo), ``data.batch_size`` null: per-device batch = effective batch / 2.
+
+    2 categories x 16 train images, effective batch 16: each rank sees 16 images per epoch in
+    batches of 8, i.e. 2 optimiser steps, the step count of one process with batch 16. A per-device
+    batch of 16 (no split) would give 1 step. Test predictions are gathered: both categories scored.
+    """
+    out = tmp_path / "ddp"
+    run("train.py", "method=uniad", "data=synthetic", "data.category=[fabric,wood]",
+        "method.image_size=128", "method.effective_batch_size=16", "trainer=ddp", "trainer.devices=2",
+        "trainer.accelerator=cpu", "trainer.max_epochs=1", "callbacks=none", "logger=none", f"hydra.run.dir={out}")
+    (path,) = (out / "checkpoints").glob("*.ckpt")
+    assert torch.load(path, map_location="cpu", weights_only=True)["global_step"] == 2
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["categories"]) == ["fabric", "wood"]
+    assert all(v is not None and 0.0 <= v <= 1.0 for v in res["mean"].values()), res["mean"]
