@@ -5,10 +5,12 @@ runs at ``method.image_size=96`` (maps 16x16 unpadded) on one synthetic category
 distilled by ``method=efficientad_teacher`` (Lite0 target) for a handful of steps on the
 category's own train images (a deviation: the paper distils on ImageNet; offline there is none and
 a few steps is all the budget allows, so this teacher is close to its random initialisation).
-Budget: teacher ``TEACHER_STEPS`` steps, EfficientAD ``STEPS`` steps; the whole module took 91 s on
-this machine (2 shared CPU cores; 56 s of it the teacher + training run). The run is deterministic:
-it gave image AUROC 0.924 (pixel AUROC 0.795) on every run, so the margin over 0.9 is small; if a
-change lowers it, raise STEPS before touching the threshold.
+Budget: teacher ``TEACHER_STEPS`` steps, EfficientAD ``STEPS`` steps at ``LR``; everything else is
+the paper's method, the ST and AE maps averaged included. The run is deterministic. Measured image
+AUROC (pixel AUROC) on fabric at lr 3e-4: 150 steps 0.917 (0.772), 200 steps 0.944 (0.874), 250
+steps 0.944 (0.868); the training run takes ~90 s here. At lr 1e-3 the figures jumped between
+0.875 and 0.938 for 40-100 steps, hence the lower lr and more steps. If a change lowers the
+AUROC, raise STEPS before touching the threshold.
 """
 
 import json
@@ -19,18 +21,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_entrypoints import run  # noqa: E402
+from test_entrypoints import run
 
 CATEGORY = "fabric"
 SIZE = 96
 TEACHER_SIZE = 64  # the distillation is a smoke run: cheapest size, the weights work at any size
 TEACHER_STEPS = 2
-STEPS = 40
-LR = 1e-3  # 10x the paper's 1e-4: 40 steps instead of 70,000
-# Deviation: the ST map only (the paper averages ST and AE maps). After 40 steps the AE branch is
-# untrained; measured alone its image AUROC was 0.44-0.78 (chance level), ST alone 0.93-0.96,
-# the paper's average 0.85-0.92. The AE still trains and its quantiles are still fitted (below).
-AE_MAP_WEIGHT = 0.0
+STEPS = 200
+LR = 3e-4  # 3x the paper's 1e-4: 200 steps instead of 70,000
 COMMON = [f"data.category={CATEGORY}", "data.num_workers=0", "trainer.accelerator=cpu"]
 
 
@@ -50,8 +48,7 @@ def trained(tmp_path_factory, teacher) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("ead")
     proc = run("train.py", "method=efficientad", "data=synthetic", *COMMON, f"method.teacher_weights={teacher}",
                f"method.image_size={SIZE}", f"method.num_steps={STEPS}", f"method.lr={LR}",
-               f"method.ae_map_weight={AE_MAP_WEIGHT}", "callbacks.visualizer.n_images=2",
-               f"hydra.run.dir={out}")
+               "callbacks.visualizer.n_images=2", f"hydra.run.dir={out}")
     return out, proc.stdout + proc.stderr
 
 
@@ -99,5 +96,5 @@ def test_screw_bench_skips_cleanly_without_data(tmp_path):
 
     bench = Path(__file__).resolve().parents[2] / "bench" / "efficientad_screw.py"
     proc = subprocess.run([sys.executable, str(bench), "--data-root", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "skipped" in proc.stdout and "mvtec_screw" in proc.stdout
