@@ -131,11 +131,8 @@ def main() -> None:
     enc_pad = max(0, (8 - max(1, s // 32) + 1) // 2)
     enc6.padding = (enc_pad, enc_pad)  # 0 at 256 (anomalib's layer); 2 at 128 (as ours)
 
-    steps_done = []
-
     class Progress(L.Callback):
         def on_train_batch_end(self, trainer, *_) -> None:
-            steps_done.append(trainer.global_step)
             if trainer.global_step % 10 == 0:
                 print(f"anomalib step {trainer.global_step}/{args.steps} {time.perf_counter() - t0:.0f}s",
                       file=sys.stderr, flush=True)
