@@ -145,8 +145,8 @@ def main() -> int:
             model.eval()
             with torch.no_grad():
                 r = summary(per_category_auroc(scores(model(test["f"])), test))
-            curve.append({"step": step, "train_s": round(t_train, 1), "loss": float(loss), **r})
-            print(f"step {step:>6} ({t_train / step:.2f} s/step, {t_train:.0f}s): loss {float(loss):.3f}, mean image AUROC "
+            curve.append({"step": step, "train_s": round(t_train, 1), "loss": loss.item(), **r})
+            print(f"step {step:>6} ({t_train / step:.2f} s/step, {t_train:.0f}s): loss {loss.item():.3f}, mean image AUROC "
                   f"{r['mean']:.3f} {json.dumps({k: round(v, 3) for k, v in r['categories'].items()})}", flush=True)
     out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "device": str(device),
            "references": refs, "curve": curve}
