@@ -51,22 +51,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 MARK = "BENCH_RESULT "
 
-# our nn.Sequential PDN-S indices -> anomalib's SmallPatchDescriptionNetwork names
-OURS_TO_ANOMALIB = {"0": "conv1", "3": "conv2", "6": "conv3", "8": "conv4"}
-
 
 def teacher_state(path: Path) -> dict[str, torch.Tensor]:
-    """Our teacher file (``0.weight``, ``3.weight``, ...) renamed to anomalib's ``conv1..conv4``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    out = {}
-    for key, value in state.items():
-        idx, _, rest = key.partition(".")
-        if idx not in OURS_TO_ANOMALIB:
-            raise KeyError(f"unexpected teacher key '{key}' in {path} (expected 0/3/6/8.*)")
-        out[f"{OURS_TO_ANOMALIB[idx]}.{rest}"] = value.float()
-    return out
+    """Our teacher file, read and checked by our loader, renamed to anomalib's ``conv1..conv4``."""
+    from iad_lightning.models.efficientad import anomalib_key_map, load_teacher_weights
+
+    ours_to_anomalib = {ours: theirs for theirs, ours in anomalib_key_map("small").items()}
+    return {ours_to_anomalib[k]: v.float() for k, v in load_teacher_weights(path, "small").items()}
 
 
 def collate(items: list[dict]):

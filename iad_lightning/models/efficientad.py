@@ -241,6 +241,12 @@ def _expected_shapes(model_size: str, out_channels: int) -> "OrderedDict[str, to
     return OrderedDict((k, v.shape) for k, v in PDN(model_size, out_channels).state_dict().items())
 
 
+def anomalib_key_map(model_size: str) -> dict[str, str]:
+    """anomalib's PDN state-dict keys (``conv1.weight`` ...) -> ours / nelson's (``0.weight`` ...)."""
+    indices = _CONV_INDICES[model_size]
+    return {f"conv{i + 1}.{w}": f"{idx}.{w}" for i, idx in enumerate(indices) for w in ("weight", "bias")}
+
+
 def load_teacher_weights(path: str | Path, model_size: str, out_channels: int = 384) -> dict[str, Tensor]:
     """A state dict for ``PDN(model_size, out_channels)`` from a teacher file.
 
@@ -272,7 +278,7 @@ def load_teacher_weights(path: str | Path, model_size: str, out_channels: int = 
             state = {k[len(prefix):]: v for k, v in state.items()}
     indices = _CONV_INDICES[model_size]
     if any(k.startswith("conv") for k in state):  # anomalib layout
-        mapping = {f"conv{i + 1}.{w}": f"{idx}.{w}" for i, idx in enumerate(indices) for w in ("weight", "bias")}
+        mapping = anomalib_key_map(model_size)
         state = {mapping.get(k, k): v for k, v in state.items()}
     expected = _expected_shapes(model_size, out_channels)
     got = {k: tuple(v.shape) for k, v in state.items()}
