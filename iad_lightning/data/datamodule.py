@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -14,6 +15,10 @@ from iad_lightning.data.formats.base import get_index
 from iad_lightning.data.records import Record
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.errors import ConfigError, DatasetError
+
+
+# data.fit_split -> the index splits the train loader serves
+FIT_SPLITS = {"train": ("train",), "test": ("test",), "all": ("train", "test")}
 
 
 def split_validation(records: Sequence[Record], fraction: float, seed: int) -> tuple[list, list]:
@@ -50,6 +55,13 @@ class AnomalyDataModule(L.LightningDataModule):
     val_fraction: share of train good images held out as validation (native validation splits,
         e.g. MVTec LOCO's, are used as they are and added to it).
     batch_size: per-device train batch; null lets the method choose (``configure_data``).
+    fit_split: what the train loader serves. ``train`` (default, every one-class method): the
+        train good images. ``test``: the labelled test split, images and masks of all selected
+        categories mixed: the *auxiliary-data protocol* of AnomalyCLIP (prompts trained on
+        MVTec AD's test split, evaluated zero-shot on another dataset) and ADPretrain (projectors
+        pretrained on labelled anomalies). ``all``: train and test together (Real-IAD
+        pretraining). With ``test`` or ``all`` this datamodule's test split is no held-out data:
+        its test loader warns that metrics on it are not zero-shot / not held out.
     The method sets ``preprocess`` before the loaders are built.
     """
 
@@ -66,6 +78,7 @@ class AnomalyDataModule(L.LightningDataModule):
         shuffle: bool = True,
         seed: int = 0,
         pin_memory: bool = False,
+        fit_split: str = "train",
     ) -> None:
         super().__init__()
         self.format, self.root, self.category = format, str(root), category
@@ -73,6 +86,9 @@ class AnomalyDataModule(L.LightningDataModule):
         self.batch_size, self._eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.val_fraction, self.shuffle = num_workers, val_fraction, shuffle
         self.seed, self.pin_memory = seed, pin_memory
+        if fit_split not in FIT_SPLITS:
+            raise ConfigError(f"data.fit_split='{fit_split}' is unknown; use one of {list(FIT_SPLITS)}")
+        self.fit_split = fit_split
         self.preprocess: Preprocess | None = None
         self._splits: dict[str, list[Record]] | None = None
         self.categories: list[str] = []
@@ -109,10 +125,22 @@ class AnomalyDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.index_records()
 
+    @property
+    def fits_on_test(self) -> bool:
+        """True when the train loader serves test images (``fit_split`` test or all)."""
+        return "test" in FIT_SPLITS[self.fit_split]
+
+    def fit_records(self) -> list[Record]:
+        """The records the train loader serves, per ``fit_split``."""
+        splits = self.index_records()
+        return [r for name in FIT_SPLITS[self.fit_split] for r in splits[name]]
+
     def dataset(self, split: str) -> AnomalyDataset:
+        """The dataset of an index split (``train``, ``val``, ``test``) or of ``fit`` (``fit_split``)."""
         if self.preprocess is None:
             raise ConfigError("datamodule.preprocess is unset: the method must set it before loading")
-        return AnomalyDataset(self.index_records()[split], self.preprocess)
+        records = self.fit_records() if split == "fit" else self.index_records()[split]
+        return AnomalyDataset(records, self.preprocess)
 
     def _loader(self, split: str, batch_size: int | None, shuffle: bool) -> DataLoader:
         if batch_size is None:
@@ -127,17 +155,24 @@ class AnomalyDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if not self.index_records()["train"]:
+        if not self.fit_records():
+            what = "train good images" if self.fit_split == "train" else f"images in data.fit_split={self.fit_split}"
             raise DatasetError(
                 f"no training images for category {self.categories} under '{self.root}' "
-                f"(format '{self.format}'); this method needs train good images"
+                f"(format '{self.format}'); this method needs {what}"
             )
-        return self._loader("train", self.batch_size, self.shuffle)
+        return self._loader("fit", self.batch_size, self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:
+        if self.fits_on_test:
+            warnings.warn(
+                f"data.fit_split={self.fit_split}: the test split of '{self.root}' was used for fitting, "
+                "so metrics on it are NOT held-out (not zero-shot); evaluate on another dataset",
+                stacklevel=2,
+            )
         return self._loader("test", self.eval_batch_size, False)
 
     def predict_dataloader(self) -> DataLoader:

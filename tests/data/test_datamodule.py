@@ -85,3 +85,27 @@ def test_loader_without_preprocess_or_train_images(tmp_path):
     dm = AnomalyDataModule(format="mvtec", root=str(root))
     with pytest.raises(ConfigError, match="preprocess"):
         dm.test_dataloader()
+
+
+def test_fit_split_serves_labelled_test_images_and_warns_on_test(tmp_path):
+    """data.fit_split=test is the auxiliary-data protocol (AnomalyCLIP, ADPretrain): the train
+    loader serves the labelled test split of all categories, masks included; 'all' adds train."""
+    root = fx.make_mvtec(tmp_path / "mv")
+    dm = _dm(root, fit_split="test")
+    dm.setup("fit")
+    assert dm.fits_on_test
+    seen = [b for b in dm.train_dataloader()]
+    labels = torch.cat([torch.as_tensor(b["label"]) for b in seen])
+    assert len(labels) == 8 and set(labels.tolist()) == {0, 1}
+    assert all(bool(m.any()) == bool(lab) for b in seen for m, lab in zip(b["mask"], b["label"]))
+    assert {c for b in seen for c in b["category"]} == {"bottle", "cable"}
+    with pytest.warns(UserWarning, match="NOT held-out"):
+        dm.test_dataloader()
+    both = _dm(root, fit_split="all")
+    both.setup()
+    assert len(both.fit_records()) == 4 + 8
+    plain = _dm(root)
+    plain.setup()
+    assert not plain.fits_on_test and [r.split for r in plain.fit_records()] == ["train"] * 4
+    with pytest.raises(ConfigError, match="fit_split='val'"):
+        _dm(root, fit_split="val")
