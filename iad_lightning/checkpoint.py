@@ -15,8 +15,8 @@ CONFIG_KEY = "iad_method_config"
 
 # Files a method reads only while fitting (their tensors are in the checkpoint): nulled on reload,
 # so test.py needs neither the file nor its path (EfficientAD's teacher and penalty images,
-# UniAD's official checkpoint).
-FIT_ONLY_FILES = ("teacher_weights", "penalty_dir", "official_checkpoint")
+# UniAD's official checkpoint, AnomalyCLIP's CLIP weights and official prompts).
+FIT_ONLY_FILES = ("teacher_weights", "penalty_dir", "official_checkpoint", "clip_weights", "prompt_checkpoint")
 
 
 def _offline_backbones(cfg: Any) -> Any:
@@ -47,4 +47,5 @@ def load_method(ckpt_path: str | Path) -> torch.nn.Module:
     model = instantiate(cfg)
     model.method_config = ckpt[CONFIG_KEY]
     model.load_state_dict(ckpt["state_dict"])
+    model.on_load_checkpoint(ckpt)  # Lightning's hook: a method restores its non-tensor state
     return model

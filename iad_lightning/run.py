@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ def _build(cfg: DictConfig, model: L.LightningModule) -> tuple[L.LightningDataMo
 
 def _finish(trainer: L.Trainer, model: L.LightningModule, out_dir: str) -> dict[str, Any]:
     results = model.results
+    if getattr(model, "trained_on", None):  # fitted on other data than it is tested on (zero-shot)
+        results = {**results, "trained_on": model.trained_on}
     if trainer.is_global_zero:
         write_results(results, out_dir)
         table = markdown_table(results)
@@ -63,15 +66,43 @@ def log_results_table(logger: Any, results: dict[str, Any], table: str) -> None:
         logger.experiment.log_dict(logger.run_id, results, "results.json")
 
 
+def _data_description(data: DictConfig) -> dict[str, Any]:
+    return {k: OmegaConf.to_container(data, resolve=True).get(k) for k in ("format", "root", "category", "fit_split")}
+
+
+def _eval_datamodule(cfg: DictConfig, model: L.LightningModule, world_size: int) -> L.LightningDataModule:
+    """The ``eval_data`` datamodule (loader sizes from ``data`` unless it sets its own); warns
+    loudly when it is the dataset the method was fitted on (the numbers are then not zero-shot)."""
+    sizes = {k: cfg.data[k] for k in ("batch_size", "eval_batch_size") if k in cfg.data and k not in cfg.eval_data}
+    datamodule = instantiate(cfg.eval_data, **sizes)
+    datamodule.preprocess = model.preprocess
+    model.configure_data(datamodule, world_size)
+    fit, ev = _data_description(cfg.data), _data_description(cfg.eval_data)
+    if (fit["format"], Path(str(fit["root"])).resolve()) == (ev["format"], Path(str(ev["root"])).resolve()):
+        msg = (f"eval_data is the dataset the method was fitted on ({ev['format']} at '{ev['root']}'): "
+               "these numbers are NOT zero-shot / not held out")
+        log.warning("!" * 20 + " " + msg)
+        warnings.warn(msg, stacklevel=2)
+    return datamodule
+
+
 def train(cfg: DictConfig) -> dict[str, Any] | None:
-    """Fit ``cfg.method`` on ``cfg.data``; then test it and write results unless ``test=false``."""
+    """Fit ``cfg.method`` on ``cfg.data``; then test it and write results unless ``test=false``.
+
+    With ``eval_data`` set, the test runs on that second data config instead (the auxiliary-data
+    protocol: fit on ``data`` with ``data.fit_split=test``, evaluate zero-shot on ``eval_data``)."""
     L.seed_everything(cfg.seed, workers=True)
     model = instantiate(cfg.method)
     model.method_config = OmegaConf.to_container(cfg.method, resolve=True)
+    eval_data = cfg.get("eval_data")
+    if eval_data or cfg.data.get("fit_split", "train") != "train":
+        model.trained_on = {"data": _data_description(cfg.data)}  # recorded in results.json
     datamodule, trainer = _build(cfg, model)
     trainer.fit(model, datamodule=datamodule)
     if not cfg.get("test", True):
         return None
+    if eval_data:
+        datamodule = _eval_datamodule(cfg, model, trainer.world_size)
     trainer.test(model, datamodule=datamodule, verbose=False)
     return _finish(trainer, model, cfg.paths.output_dir)
 

@@ -282,6 +282,7 @@ class AnomalyCLIPModel(nn.Module):
                 f"(the conv would silently drop pixels); use e.g. {image_size // self.patch * self.patch}"
             )
         self.image_size, self.grid = image_size, image_size // self.patch
+        self.native_grid = round((visual.positional_embedding.shape[0] - 1) ** 0.5)  # plain int (tracing)
         self.dpam_start = default_dpam_start(self.depth) if dpam_start is None else int(dpam_start)
         self.features_list = [int(f) for f in features_list]
         if not 1 <= self.dpam_start <= self.depth:
@@ -329,7 +330,7 @@ class AnomalyCLIPModel(nn.Module):
         antialias (the official resize, not open_clip's bicubic+antialias). Recomputed per call
         (one small interpolation) so it always follows the loaded weights."""
         pos = self.clip.visual.positional_embedding
-        g0 = round((pos.shape[0] - 1) ** 0.5)
+        g0 = self.native_grid
         if g0 == self.grid:
             return pos
         patch = pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
@@ -373,9 +374,7 @@ class AnomalyCLIPModel(nn.Module):
         maps = []
         for feat in local:
             probs = (F.normalize(feat, dim=-1) @ text.t() * t).softmax(-1)  # (B, N, 2)
-            b, n, _ = probs.shape
-            g = round(n**0.5)
-            s = probs.transpose(1, 2).reshape(b, 2, g, g)
+            s = probs.transpose(1, 2).reshape(probs.shape[0], 2, self.grid, self.grid)
             maps.append(F.interpolate(s, size=images.shape[-2:], mode="bilinear", align_corners=False))
         return logits, maps
 

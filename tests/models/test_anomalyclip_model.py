@@ -226,9 +226,9 @@ def test_unsafe_missing_and_offline_weights_fail_clearly(tmp_path):
         AnomalyCLIPModel("ViT-B-16-quickgelu", clip_weights="openai", image_size=224, features_list=[12])
 
 
-def test_official_prompt_checkpoint_maps_keys_and_ignores_dead_projections(tmp_path, tiny_file):
-    src = AnomalyCLIPModel(clip_weights=str(tiny_file), image_size=64, features_list=[4])
-    dst = AnomalyCLIPModel(clip_weights=str(tiny_file), image_size=64, features_list=[4])
+def test_official_prompt_checkpoint_maps_keys_and_ignores_dead_projections(tmp_path, tiny, native):
+    src, dst = tiny, native  # same CLIP, independently initialised prompts
+    saved = {k: v.clone() for k, v in dst.prompt_learner.state_dict().items()}
     official = official_prompt_state(src.prompt_learner)
     official["token_prefix_pos"] = torch.randn(1, 1, 1, 64)  # derived buffers: recomputed by us
     path = tmp_path / "epoch_15.pth"
@@ -245,3 +245,4 @@ def test_official_prompt_checkpoint_maps_keys_and_ignores_dead_projections(tmp_p
     torch.save({"state_dict": {}}, path)
     with pytest.raises(WeightsError, match="no top-level 'prompt_learner'"):
         load_official_prompts(dst.prompt_learner, path)
+    dst.prompt_learner.load_state_dict(saved)
