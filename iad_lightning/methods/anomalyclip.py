@@ -72,6 +72,10 @@ class AnomalyCLIP(AnomalyModule):
             raise ConfigError(
                 "method.model.clip_weights is null: set it to openai, a CLIP weights file, or random"
             )
+        dm = getattr(self._trainer, "datamodule", None)
+        if stage == "fit" and getattr(dm, "fit_split", None) == "train" and self.trainer.max_epochs:
+            self.print("AnomalyCLIP: WARNING data.fit_split=train serves only normal images (no anomalies, no "
+                       "masks); the protocol trains on an auxiliary dataset's labelled test split: data.fit_split=test")
         path = self.hparams.prompt_checkpoint
         if path and not getattr(self, "_prompts_loaded", False):
             ignored = load_official_prompts(self.model.prompt_learner, path)

@@ -413,7 +413,15 @@ class AnomalyCLIPInference(nn.Module):
             self.register_buffer("text", model.text_features().detach().clone())
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        logits, maps = self.model(images, self.text)
+        # nn.MultiheadAttention's eval fast path (aten::_native_multi_head_attention) has no ONNX
+        # symbolic: while exporting, the blocks take the composite path (same maths)
+        fast = torch.backends.mha.get_fastpath_enabled()
+        if torch.onnx.is_in_onnx_export():
+            torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            logits, maps = self.model(images, self.text)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
         return anomaly_map(maps, self.sigma), logits.softmax(-1)[:, 1]
 
 

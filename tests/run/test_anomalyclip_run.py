@@ -30,6 +30,23 @@ TINY = [
 ]
 
 
+def test_config_paper_defaults_and_every_eval_data_option_composes():
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", ["method=anomalyclip", "data=visa", "data.fit_split=test", "eval_data=mvtec"])
+        m = cfg.method
+        assert (m.model.model_name, m.model.clip_weights, m.model.image_size) == ("ViT-L-14-336-quickgelu", "openai", 518)
+        assert (list(m.model.features_list), m.lambda_local, m.model.temperature, m.model.n_ctx) == ([24], 4.0, 0.07, 12)
+        assert (m.lr, list(m.betas), m.sigma, cfg.seed) == (1e-3, [0.5, 0.999], 4.0, 111)
+        assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.fit_split) == (15, 8, "test")
+        assert (cfg.data.format, cfg.eval_data.format) == ("visa", "mvtec")
+        assert compose("train", []).eval_data is None  # every other run: test on data's own test split
+        for option in sorted(p.stem for p in (conf / "eval_data").glob("*.yaml")):
+            assert compose("train", [f"eval_data={option}"]).eval_data.format == option
+
+
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("acl")
@@ -119,6 +136,7 @@ def test_official_prompt_checkpoint_zero_epoch_run_gives_the_trained_scores(trai
 
 def test_medical_meta_json_with_image_only_class_and_export(trained, roots, tmp_path):
     import lightning as L
+    import onnxruntime as ort
 
     from iad_lightning.checkpoint import load_method
     from iad_lightning.data.datamodule import AnomalyDataModule
@@ -134,12 +152,11 @@ def test_medical_meta_json_with_image_only_class_and_export(trained, roots, tmp_
     assert cats["colon"]["pixel_auroc"] is not None and cats["colon"]["image_auroc"] is not None
     assert cats["brain"]["image_auroc"] is not None and cats["brain"]["pixel_auroc"] is None  # image-only
 
-    path = export(ExportConfig(ckpt_path=str(trained / "checkpoints" / "last.ckpt"), format="torchscript",
-                               output=str(tmp_path / "acl.pt")))
-    graph = torch.jit.load(str(path))
-    images = torch.randn(2, 3, 64, 64)
-    amap, score = graph(images)
+    path = export(ExportConfig(ckpt_path=str(trained / "checkpoints" / "last.ckpt"), format="onnx",
+                               output=str(tmp_path / "acl.onnx")))  # image tower + DPAM, text as a constant
+    images = torch.randn(1, 3, 64, 64)
+    amap, score = ort.InferenceSession(str(path)).run(None, {"image": images.numpy()})
     with torch.no_grad():
         want = model.predict_batch(images)
-    torch.testing.assert_close(amap, want["anomaly_map"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(score, want["pred_score"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(amap), want["anomaly_map"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(score), want["pred_score"], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,138 @@
+"""Benchmark: AnomalyCLIP zero-shot inference speed and peak memory, next to plain open_clip.
+
+    python bench/anomalyclip.py [--models L518 B224] [--images 2] [--batch-size 1]
+                                [--device cpu|cuda] [--out /tmp/anomalyclip_bench.json]
+
+For each model (``L518``: ViT-L-14-336-quickgelu at 518 px, the paper setting; ``B224``:
+ViT-B-16-quickgelu at 224 px, the cheap option), random weights (speed does not depend on them):
+
+- ``open_clip``: the plain image tower, ``model.encode_image`` of an open_clip model created at
+  that resolution (``force_image_size``): the baseline.
+- ``anomalyclip``: the exported inference graph (``AnomalyCLIPInference``: our block loop with the
+  DPAM V-V path, global + local similarities, 518 px upsampling, Gaussian sigma 4), with the text
+  features precomputed as in evaluation. The DPAM share is the time spent in
+  ``models.anomalyclip.vv_attention`` (wrapped with a timer here), over the whole forward.
+
+Each (model, variant) runs in its own subprocess so that the peak memory is its own: peak RSS of
+the process on CPU (weights included), ``torch.cuda.max_memory_allocated`` on CUDA. Timings:
+one warm-up batch, then ``--images`` images in batches of ``--batch-size``, fp32, no_grad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = {"L518": ("ViT-L-14-336-quickgelu", 518, [24]), "B224": ("ViT-B-16-quickgelu", 224, [12])}
+
+
+def worker(model_key: str, variant: str, images: int, batch: int, device: str) -> dict:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    import iad_lightning.models.anomalyclip as acl
+
+    name, size, layers = MODELS[model_key]
+    torch.manual_seed(0)
+    dpam_time = [0.0]
+    if variant == "open_clip":
+        import open_clip
+
+        clip = open_clip.create_model(name, pretrained=None, force_image_size=size).eval().to(device)
+
+        def forward(x):
+            return clip.encode_image(x)
+    else:
+        model = acl.AnomalyCLIPModel(name, clip_weights="random", image_size=size, features_list=layers)
+        graph = acl.AnomalyCLIPInference(model.eval()).to(device).eval()
+        plain_vv = acl.vv_attention
+
+        def timed_vv(block, x):
+            sync()
+            t = time.perf_counter()
+            out = plain_vv(block, x)
+            sync()
+            dpam_time[0] += time.perf_counter() - t
+            return out
+
+        acl.vv_attention = timed_vv  # the global encode_image calls: bench-only timing wrapper
+
+        def forward(x):
+            return graph(x)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        forward(x)  # warm-up
+        sync()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        dpam_time[0] = 0.0
+        n, t0 = 0, time.perf_counter()
+        while n < images:
+            forward(x)
+            n += batch
+        sync()
+        elapsed = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out = {"model": name, "image_size": size, "variant": variant, "images": n, "batch_size": batch,
+           "seconds": elapsed, "images_per_s": n / elapsed, "peak_memory_gib": peak / 2**30,
+           "peak_memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process peak RSS"}
+    if variant == "anomalyclip":
+        out["dpam_share"] = dpam_time[0] / elapsed
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/anomalyclip_bench.json"))
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(*args.worker, args.images, args.batch_size, args.device)))
+        return 0
+    rows = []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for key in args.models:
+        for variant in ("open_clip", "anomalyclip"):
+            cmd = [sys.executable, __file__, "--worker", key, variant, "--images", str(args.images),
+                   "--batch-size", str(args.batch_size), "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            rows.append(json.loads(line[-1][7:]))
+            r = rows[-1]
+            share = f", DPAM {100 * r['dpam_share']:.1f}% of the time" if "dpam_share" in r else ""
+            print(f"{r['model']} @ {r['image_size']} {variant:11s}: {r['images_per_s']:.3f} images/s "
+                  f"(batch {r['batch_size']}, {r['images']} images), peak {r['peak_memory_gib']:.2f} GiB{share}",
+                  flush=True)
+    import torch
+
+    meta = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "load_avg": os.getloadavg(),
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"load average {meta['load_avg']}; written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
