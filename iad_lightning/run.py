@@ -77,13 +77,17 @@ def _eval_datamodule(cfg: DictConfig, model: L.LightningModule, world_size: int)
     datamodule = instantiate(cfg.eval_data, **sizes)
     datamodule.preprocess = model.preprocess
     model.configure_data(datamodule, world_size)
-    fit, ev = _data_description(cfg.data), _data_description(cfg.eval_data)
-    if (fit["format"], Path(str(fit["root"])).resolve()) == (ev["format"], Path(str(ev["root"])).resolve()):
-        msg = (f"eval_data is the dataset the method was fitted on ({ev['format']} at '{ev['root']}'): "
+    _warn_if_fitted_on(_data_description(cfg.data), _data_description(cfg.eval_data))
+    return datamodule
+
+
+def _warn_if_fitted_on(fit: dict[str, Any] | None, ev: dict[str, Any]) -> None:
+    """Loud warning when the evaluation data is the data the method was fitted on."""
+    if fit and (fit["format"], Path(str(fit["root"])).resolve()) == (ev["format"], Path(str(ev["root"])).resolve()):
+        msg = (f"the evaluation data is the dataset the method was fitted on ({ev['format']} at '{ev['root']}'): "
                "these numbers are NOT zero-shot / not held out")
         log.warning("!" * 20 + " " + msg)
-        warnings.warn(msg, stacklevel=2)
-    return datamodule
+        warnings.warn(msg, stacklevel=3)
 
 
 def train(cfg: DictConfig) -> dict[str, Any] | None:
@@ -111,6 +115,7 @@ def test(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate a training checkpoint (``ckpt_path``) on ``cfg.data``, without re-fitting."""
     L.seed_everything(cfg.seed, workers=True)
     model = load_method(cfg.ckpt_path)
+    _warn_if_fitted_on((getattr(model, "trained_on", None) or {}).get("data"), _data_description(cfg.data))
     datamodule, trainer = _build(cfg, model)
     trainer.test(model, datamodule=datamodule, verbose=False)
     return _finish(trainer, model, cfg.paths.output_dir)

@@ -42,9 +42,20 @@ def test_config_paper_defaults_and_every_eval_data_option_composes():
         assert (m.lr, list(m.betas), m.sigma, cfg.seed) == (1e-3, [0.5, 0.999], 4.0, 111)
         assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.fit_split) == (15, 8, "test")
         assert (cfg.data.format, cfg.eval_data.format) == ("visa", "mvtec")
-        assert compose("train", []).eval_data is None  # every other run: test on data's own test split
+        assert compose("train", []).get("eval_data") is None  # every other run: test on data's own test split
         for option in sorted(p.stem for p in (conf / "eval_data").glob("*.yaml")):
             assert compose("train", [f"eval_data={option}"]).eval_data.format == option
+
+
+def test_evaluating_on_the_training_dataset_warns(tmp_path, recwarn):
+    from iad_lightning.run import _warn_if_fitted_on
+
+    fit = {"format": "visa", "root": str(tmp_path / "visa"), "category": "all", "fit_split": "test"}
+    with pytest.warns(UserWarning, match="NOT zero-shot"):
+        _warn_if_fitted_on(fit, {**fit, "root": str(tmp_path / "x" / ".." / "visa"), "fit_split": "train"})
+    _warn_if_fitted_on(fit, {**fit, "format": "mvtec"})
+    _warn_if_fitted_on(None, fit)
+    assert not [w for w in recwarn if "zero-shot" in str(w.message)]
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +104,11 @@ def test_test_py_reproduces_without_the_clip_file(trained, roots, tmp_path):
     moved = roots["clip"].with_suffix(".away")
     roots["clip"].rename(moved)  # test.py must not need the CLIP weights file
     try:
-        run("test.py", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=visa", f"data.root={roots['visa']}",
+        proc = run("test.py", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=visa", f"data.root={roots['visa']}",
             "data.num_workers=0", "trainer.accelerator=cpu", "callbacks.visualizer.n_images=1", f"hydra.run.dir={out}")
     finally:
         moved.rename(roots["clip"])
+    assert "NOT zero-shot" not in proc.stderr  # trained on mvtec, tested on visa
     assert json.loads((out / "results.json").read_text()) == expected  # trained_on travels too
 
 
