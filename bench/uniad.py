@@ -1,5 +1,7 @@
-"""Benchmark: a unified UniAD run (one model for several categories) on the shared real data.
+"""Benchmark: a unified UniAD run (one model for several categories) on the shared real data,
+and (``--step``) the CPU training step against the matmul floor of its FLOPs.
 
+    python bench/uniad.py --step [--step-batch 8] [--repeats 5]   # no data needed
     python bench/uniad.py [--epochs 4] [--image-size 224] [--batch-size 64]
                           [--datasets mvtec_screw kolektorsdd_commutator]
                           [--no-cache-epochs 1] [--data-root ../shared/data] [--out /tmp/uniad_bench.json]
@@ -17,6 +19,14 @@ Measured: training throughput (train images / s) per epoch. Epoch 0 fills the fe
 the no-cache figure directly. Then per category and mean: image AUROC, pixel AUROC, AUPRO (at
 0.3 FPR), from ``iad_lightning.metrics`` via the base module, as ``train.py`` reports them.
 Missing data: a message and exit 0.
+
+``--step``: one training step of the spec's transformer (272 channels on 14x14, as with the
+official B4 backbone; the feature cache means no backbone pass in a step) at ``--step-batch``
+on random features, exactly as Lightning runs it: forward in training mode (feature jitter and
+dropout on), MSE loss, backward, gradient-norm clipping at 0.1, AdamW step. FLOPs are counted by
+``torch.utils.flop_counter`` over forward + backward; the floor is a square fp32 matmul of the
+same FLOPs timed in the same process (``bench/efficientad.py``'s helpers). Printed: the median
+step time, the floor, their ratio, and the profile's top operators.
 """
 
 from __future__ import annotations
@@ -102,6 +112,55 @@ def run(data_root: Path, datasets: list[str], epochs: int, image_size: int, batc
     return out
 
 
+def step_bench(batch: int, repeats: int, warmup: int = 2, profile: bool = True) -> dict:
+    """Median CPU training step of the spec's UniAD transformer vs the same-FLOP matmul floor."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "bench"))
+    from efficientad import matmul_floor, time_calls  # the shared timing helpers
+
+    from iad_lightning.models.uniad import UniADModel
+
+    torch.manual_seed(0)
+    model = UniADModel(in_channels=272).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    x = torch.randn(batch, 272, 14, 14, generator=torch.Generator().manual_seed(1))
+
+    def step() -> None:
+        loss = F.mse_loss(model(x), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+
+    counter = FlopCounterMode(display=False)
+    with counter:  # on real tensors (the mask check in the constructor needs values): one extra step
+        F.mse_loss(model(x), x).backward()
+    opt.zero_grad(set_to_none=True)
+    flops = int(counter.get_total_flops())
+    device = torch.device("cpu")
+    times = time_calls(step, device, warmup, repeats, budget_s=120.0)
+    floor = matmul_floor(flops, device, torch.float32, warmup, repeats, budget_s=60.0)
+    median = statistics.median(times)
+    out = {"batch": batch, "threads": torch.get_num_threads(), "step_s": median, "steps": len(times),
+           "gflops": flops / 1e9, "floor_s": floor["median_s"] * flops / floor["flops"], "floor_n": floor["n"],
+           "floor_gflops_per_s": floor["gflops_per_s"], "load": os.getloadavg()[0]}
+    out["ratio_to_floor"] = median / out["floor_s"]
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return out
+
+
 def fmt(v, d: int = 4) -> str:
     return "–" if v is None else f"{v:.{d}f}"
 
@@ -139,7 +198,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
     parser.add_argument("--out", default=None, help="JSON file (default /tmp/uniad_bench_<host>.json)")
+    parser.add_argument("--step", action="store_true", help="only time the CPU training step against its matmul floor")
+    parser.add_argument("--step-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.step:
+        r = step_bench(args.step_batch, args.repeats)
+        print(r.pop("profile", ""))
+        print(f"UniAD training step, batch {r['batch']}, 272 ch on 14x14, {r['threads']} threads (load {r['load']:.1f}): "
+              f"{r['step_s']:.3f} s (median of {r['steps']}); {r['gflops']:.1f} GFLOP fwd+bwd; matmul floor "
+              f"{r['floor_s']:.3f} s ({r['floor_gflops_per_s']:.0f} GFLOP/s at n={r['floor_n']}); "
+              f"ratio {r['ratio_to_floor']:.2f}x")
+        return
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data_root = Path(args.data_root).resolve()

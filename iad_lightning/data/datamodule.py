@@ -142,6 +142,13 @@ class AnomalyDataModule(L.LightningDataModule):
         records = self.fit_records() if split == "fit" else self.index_records()[split]
         return AnomalyDataset(records, self.preprocess)
 
+    def category_ends(self, split: str = "test") -> dict[str, int]:
+        """Per category, one past the index of its last image in ``dataset(split)``: the
+        evaluation path releases a category's predictions once a rank has passed its end
+        (records are category-grouped, loaders in dataset order)."""
+        records = self.fit_records() if split == "fit" else self.index_records()[split]
+        return {rec.category: i + 1 for i, rec in enumerate(records)}  # the last occurrence wins
+
     def _loader(self, split: str, batch_size: int | None, shuffle: bool) -> DataLoader:
         if batch_size is None:
             raise ConfigError("data.batch_size is null and the method did not set it; set data.batch_size=N")

@@ -1,9 +1,12 @@
 """The shared base of every method: one evaluation path from predictions to metrics.
 
 A method implements ``preprocess`` (its input geometry) and ``predict_batch`` (per image an
-anomaly map and an image score). The base module collects test predictions on the CPU, gathers
-them from all ranks, drops the duplicates a distributed sampler pads with, and computes metrics
-per category with ``iad_lightning.metrics``. No method computes its own metrics.
+anomaly map and an image score). The base module collects test predictions on the CPU per
+category and, as soon as a category's images are all in (on every rank), gathers them from all
+ranks, drops the duplicates a distributed sampler pads with, and reduces them to metrics with
+``iad_lightning.metrics`` in ``_reduce_category``; the category's maps are then freed, so test
+memory is bounded by the largest category (``category_buffer``). No method computes its own
+metrics.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import torch.nn.functional as F
 
 from iad_lightning.checkpoint import CONFIG_KEY
 from iad_lightning.data.transforms import Preprocess
-from iad_lightning.distributed import gather_objects
 from iad_lightning.errors import ConfigError
+from iad_lightning.methods.category_buffer import CategoryBuffer, category_order
 from iad_lightning.metrics import compute_metrics
 from iad_lightning.results import mean_over_categories
 
@@ -29,7 +32,8 @@ class AnomalyModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.results: dict[str, Any] | None = None
-        self._test_outputs: list[dict[str, np.ndarray]] = []
+        self._test_buffer = CategoryBuffer()
+        self._test_metrics: dict[str, dict[str, Any]] = {}
 
     # -- what a method provides -------------------------------------------------------------
     @property
@@ -69,12 +73,15 @@ class AnomalyModule(L.LightningModule):
         checkpoint[CONFIG_KEY] = getattr(self, "method_config", None)
 
     def on_test_epoch_start(self) -> None:
-        self._test_outputs = []
+        dm = getattr(self.trainer, "datamodule", None)
+        ends = dm.category_ends("test") if hasattr(dm, "category_ends") else {}
+        self._test_buffer = CategoryBuffer(ends)  # without ends: every category at epoch end
+        self._test_metrics = {}
         self.results = None
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self._predict_with_size(batch)
-        self._test_outputs.append(
+        self._test_buffer.add(
             {
                 "index": batch["index"].cpu().numpy(),
                 "pred_score": out["pred_score"].detach().float().cpu().numpy(),
@@ -84,12 +91,35 @@ class AnomalyModule(L.LightningModule):
                 "category": np.asarray(batch["category"]),
             }
         )
+        for cat in self._test_buffer.ready():  # categories complete on this rank (collective)
+            self._release_category(cat)
         return out
 
+    def _release_category(self, cat: str) -> None:
+        pred = self._test_buffer.release(cat)
+        if pred is not None:
+            self._test_metrics[cat] = self._reduce_category(cat, pred)
+
+    def _reduce_category(self, cat: str, pred: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Metrics of one complete category: the one place where all of its predictions are in
+        memory (extend it for thresholds, curves, plots). ``pred``: ``index`` (sorted, unique),
+        ``pred_score``, ``label``, ``anomaly_map`` (N,H,W) float32, ``mask`` (N,H,W) bool,
+        ``category``; the same on every rank. Pixel metrics are None for a category without masks."""
+        has_masks = bool(pred["mask"].any())
+        return compute_metrics(
+            pred["pred_score"],
+            pred["label"],
+            pred["anomaly_map"] if has_masks else None,
+            pred["mask"] if has_masks else None,
+        )
+
     def on_test_epoch_end(self) -> None:
-        merged = gather_predictions(self._test_outputs)
-        self._test_outputs = []
-        self.results = metrics_per_category(merged, self.trainer.datamodule)
+        for cat in self._test_buffer.rest():  # the last category, and any the datamodule did not name
+            self._release_category(cat)
+        order = category_order(list(self._test_metrics), getattr(self.trainer, "datamodule", None))
+        per_cat = {cat: self._test_metrics[cat] for cat in order}
+        self._test_buffer, self._test_metrics = CategoryBuffer(), {}
+        self.results = {"categories": per_cat, "mean": mean_over_categories(per_cat)}
         for cat, values in self.results["categories"].items():
             for key, value in values.items():
                 if value is not None:
@@ -97,29 +127,3 @@ class AnomalyModule(L.LightningModule):
         for key, value in self.results["mean"].items():
             if value is not None:
                 self.log(f"test/mean/{key}", value, rank_zero_only=True, sync_dist=False)
-
-
-def gather_predictions(outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate this rank's batches, gather all ranks, de-duplicate and sort by index."""
-    local = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]} if outputs else {}
-    parts = [p for p in gather_objects(local) if p]
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    _, first = np.unique(merged["index"], return_index=True)  # sorted unique indices
-    return {k: v[first] for k, v in merged.items()}
-
-
-def metrics_per_category(pred: dict[str, np.ndarray], datamodule: Any = None) -> dict[str, Any]:
-    """``{"categories": {cat: metrics}, "mean": metrics}``; pixel metrics None without masks."""
-    cats = [c for c in getattr(datamodule, "categories", []) if c in set(pred["category"])]
-    cats += sorted(set(pred["category"]) - set(cats))
-    has_masks = bool(pred["mask"].any())
-    per_cat = {}
-    for cat in cats:
-        sel = pred["category"] == cat
-        per_cat[cat] = compute_metrics(
-            pred["pred_score"][sel],
-            pred["label"][sel],
-            pred["anomaly_map"][sel] if has_masks else None,
-            pred["mask"][sel] if has_masks else None,
-        )
-    return {"categories": per_cat, "mean": mean_over_categories(per_cat)}

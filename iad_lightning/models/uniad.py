@@ -75,6 +75,69 @@ def image_score(amap: torch.Tensor, kernel: int = 16) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- transformer
+class _MaskDropout(torch.autograd.Function):
+    """y = x * keep / (1 - p) with ``keep = U[0, 1) >= p`` kept as a bool mask for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.rand_like(x) >= p
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with its mask drawn as ``torch.rand(...) >= p`` into a bool tensor: the same
+    Bernoulli(1 - p) keep distribution and 1 / (1 - p) scale (up to float32's 2^-24 uniform
+    resolution), at about half the CPU cost of ``bernoulli_`` and a quarter of the mask memory.
+    RNG stream: for a given seed the masks are other draws than ``nn.Dropout``'s (and the draws
+    consumed differ), so training curves match torch's in distribution, not bit for bit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return _MaskDropout.apply(x, self.p)
+
+
+def attention(
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: Dropout,
+) -> torch.Tensor:
+    """``attn(query, key, value, attn_mask=mask, need_weights=False)[0]`` with ``attn``'s own
+    parameters (state dicts unchanged), sequence-first (L, B, d); ``query`` may have batch 1
+    (a learned query shared by the batch: projected once, then copied to the batch).
+
+    softmax(q k^T / sqrt(d_h) + mask) on ``mask`` (additive, -inf blocks); attention dropout is
+    ``dropout`` (the bool-mask draw); in eval mode the fused ``scaled_dot_product_attention``.
+    """
+    h, (length, _, d), b = attn.num_heads, query.shape, key.shape[1]
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+    q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    if q.shape[1] != b:  # shared queries: projected once, copied to the batch for the products
+        q = q.expand(-1, b, -1).contiguous()
+    if not (dropout.training and dropout.p > 0.0):  # eval: fused kernel, (B, h, L, d_h) views
+        q, k, v = (t.unflatten(-1, (h, d // h)).permute(1, 2, 0, 3) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).permute(2, 0, 1, 3)
+    else:  # (B*h, L, d_h) strided views (no copies), as torch's own multi_head_attention_forward
+        q, k, v = (t.reshape(t.shape[0], b * h, d // h).transpose(0, 1) for t in (q, k, v))
+        scores = torch.bmm(q * (d // h) ** -0.5, k.transpose(1, 2))  # (B*h, L, S)
+        if mask is not None:
+            scores = scores.add_(mask)  # in place: the product's backward does not need its output
+        out = torch.bmm(dropout(scores.softmax(dim=-1)), v).transpose(0, 1)  # (L, B*h, d_h)
+    out = out.reshape(length, b, d)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
 class PositionEmbeddingLearned(nn.Module):
     """pos(h, w) = concat(col[w], row[h]); tables U(0, 1); returns (H*W, 2 * num_pos_feats)."""
 
@@ -99,14 +162,15 @@ class EncoderLayer(nn.Module):
     def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float, activation: str) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d, nhead, dropout=dropout)
+        self.attn_dropout = Dropout(dropout)  # MHA's attention dropout, drawn by ``Dropout``
         self.linear1, self.linear2 = nn.Linear(d, dim_ff), nn.Linear(dim_ff, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout, self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.dropout, self.dropout1, self.dropout2 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
         self.activation = _activation(activation)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = k = x + pos
-        x = self.norm1(x + self.dropout1(self.self_attn(q, k, value=x, attn_mask=mask, need_weights=False)[0]))
+        x = self.norm1(x + self.dropout1(attention(self.self_attn, q, k, x, mask, self.attn_dropout)))
         ff = self.linear2(self.dropout(self.activation(self.linear1(x))))
         return self.norm2(x + self.dropout2(ff))
 
@@ -124,10 +188,11 @@ class DecoderLayer(nn.Module):
         self.learned_embed = nn.Embedding(num_queries, d)  # N(0, 1) default init
         self.encoder_attn = nn.MultiheadAttention(d, nhead, dropout=dropout)
         self.out_attn = nn.MultiheadAttention(d, nhead, dropout=dropout)
+        self.attn_dropout = Dropout(dropout)  # the two MHAs' attention dropout
         self.linear1, self.linear2 = nn.Linear(d, dim_ff), nn.Linear(dim_ff, d)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1, self.dropout2, self.dropout3 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
         self.activation = _activation(activation)
 
     def forward(
@@ -138,10 +203,10 @@ class DecoderLayer(nn.Module):
         mask_memory: torch.Tensor | None,
         mask_out: torch.Tensor | None,
     ) -> torch.Tensor:
-        q = self.learned_embed.weight[:, None].expand(-1, memory.shape[1], -1)  # (L, B, d)
-        t = self.encoder_attn(q + pos, memory + pos, value=memory, attn_mask=mask_memory, need_weights=False)[0]
+        q = self.learned_embed.weight[:, None]  # (L, 1, d): the same queries for every image
+        t = attention(self.encoder_attn, q + pos, memory + pos, memory, mask_memory, self.attn_dropout)
         t = self.norm1(q + self.dropout1(t))
-        t2 = self.out_attn(t + pos, out + pos, value=out, attn_mask=mask_out, need_weights=False)[0]
+        t2 = attention(self.out_attn, t + pos, out + pos, out, mask_out, self.attn_dropout)
         t = self.norm2(t + self.dropout2(t2))
         ff = self.linear2(self.dropout(self.activation(self.linear1(t))))
         return self.norm3(t + self.dropout3(ff))

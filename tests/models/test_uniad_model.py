@@ -272,3 +272,51 @@ def test_official_checkpoint_errors_name_the_problem(tmp_path):
     with pytest.raises(WeightsError, match="no mapping rule"):
         load_official_checkpoint(_small_model(), bad)
     assert math.isclose(20 / 272, 0.0735, rel_tol=1e-3)
+
+
+class _KeepAll(torch.nn.Module):
+    """A dropout with p > 0 that keeps everything: runs attention()'s training path without noise."""
+
+    p, training = 0.1, True
+
+    def __call__(self, x):
+        return x
+
+
+@pytest.mark.parametrize("shared_query", [False, True])
+def test_attention_equals_torch_multihead_attention_forward_and_backward(shared_query):
+    """attention() with the module's own parameters = nn.MultiheadAttention (dropout off), on
+    both of its paths (training: explicit softmax; eval: fused SDPA), gradients included."""
+    from iad_lightning.models.uniad import Dropout, attention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, dropout=0.1).eval()
+    mask = neighbor_mask((4, 4), (3, 3))
+    q = torch.randn(16, 1 if shared_query else 3, 32, requires_grad=True)
+    k = torch.randn(16, 3, 32, requires_grad=True)
+    v = torch.randn(16, 3, 32, requires_grad=True)
+    ref = mha(q.expand(-1, 3, -1), k, v, attn_mask=mask, need_weights=False)[0]
+    grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v, mha.in_proj_weight))
+    for drop in (_KeepAll(), Dropout(0.1).eval()):
+        out = attention(mha, q, k, v, mask, drop)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v, mha.in_proj_weight))
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    x = torch.randn(16, 3, 32)  # self-attention (query is key)
+    torch.testing.assert_close(attention(mha, x, x, v, mask, _KeepAll()),
+                               mha(x, x, v, attn_mask=mask, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_is_bernoulli_keep_with_inverse_scale_and_same_mask_in_backward():
+    from iad_lightning.models.uniad import Dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000, requires_grad=True)
+    y = Dropout(0.1).train()(x)
+    kept = y > 0
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.9)]
+    assert abs(kept.float().mean().item() - 0.9) < 5 * math.sqrt(0.09 / 1e6)  # 5 sigma
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, kept.float() / 0.9)
+    assert torch.equal(Dropout(0.1).eval()(x), x)

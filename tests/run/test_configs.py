@@ -50,3 +50,20 @@ def test_slurm_launcher_and_ddp_trainer():
 def test_test_config_composes_with_any_data():
     for data in ("synthetic", "mvtec"):
         assert _compose("test", [f"data={data}", "ckpt_path=x"]).ckpt_path == "x"
+
+
+def test_parallel_launcher_one_job_per_device():
+    from hydra_plugins.iad_parallel_launcher import ParallelLauncher
+
+    from iad_lightning.errors import ConfigError
+
+    cfg = _compose("train", ["hydra/launcher=parallel", "hydra.launcher.devices=8"], hydra_cfg=True).hydra.launcher
+    assert cfg._target_ == "hydra_plugins.iad_parallel_launcher.ParallelLauncher"
+    kwargs = {k: v for k, v in cfg.items() if k != "_target_"}
+    launcher = ParallelLauncher(**kwargs)
+    assert launcher.devices == [str(i) for i in range(8)] and launcher.joblib["n_jobs"] == 8
+    assert launcher.joblib["batch_size"] == 1  # never several jobs queued on one worker
+    assert ParallelLauncher(devices=[2, 6], n_jobs=-1).joblib["n_jobs"] == 2
+    assert ParallelLauncher(devices=None).joblib["n_jobs"] == 2  # CPU: no pinning, 2 jobs
+    with pytest.raises(ConfigError, match="n_jobs=3 exceeds"):
+        ParallelLauncher(devices="0,1", n_jobs=3)

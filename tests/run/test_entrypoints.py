@@ -1,6 +1,7 @@
 """train.py / test.py through Hydra with tiny overrides, as a user runs them."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,11 +114,22 @@ def test_ddp_two_processes_equal_single_process(trained, mvtec_root, tmp_path):
             assert res_2["categories"][cat][key] == pytest.approx(value, abs=5e-5), (cat, key)
 
 
-def test_multirun_category_sweep_and_report(mvtec_root, tmp_path):
+def test_multirun_category_sweep_in_parallel_and_report(mvtec_root, tmp_path):
+    """hydra/launcher=parallel: the 2 jobs run at once in 2 worker processes, one device slot each."""
     sweep = tmp_path / "sweep"
     run("train.py", "-m", "data=mvtec", f"data.root={mvtec_root}", "data.category=bottle,cable",
-        *[o for o in TINY if not o.startswith("callbacks.")], "logger=none", "callbacks=none", f"hydra.sweep.dir={sweep}")
+        *[o for o in TINY if not o.startswith("callbacks.")], "logger=none", "callbacks=none", f"hydra.sweep.dir={sweep}",
+        "hydra/launcher=parallel", "hydra.launcher.devices=[3,5]")  # ids only pin CUDA_VISIBLE_DEVICES
     assert sorted(p.parent.name for p in sweep.glob("*/results.json")) == ["0", "1"]
+    jobs = []
+    for job in ("0", "1"):
+        lines = [line for line in (sweep / job / "train.log").read_text().splitlines() if "parallel launcher" in line]
+        start = re.search(r"pid (\d+), device slot (\d) \(CUDA_VISIBLE_DEVICES=(\d)\), start ([\d.]+)", lines[0])
+        end = re.search(r"pid (\d+), end ([\d.]+)", lines[-1])
+        jobs.append((int(start[1]), start[3], float(start[4]), float(end[2])))
+    (pid_0, dev_0, start_0, end_0), (pid_1, dev_1, start_1, end_1) = jobs
+    assert pid_0 != pid_1 and {dev_0, dev_1} == {"3", "5"}  # own process, own device
+    assert start_0 < end_1 and start_1 < end_0  # the two jobs overlapped in time
     proc = subprocess.run([sys.executable, "-m", "iad_lightning.report", str(sweep)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
