@@ -20,7 +20,7 @@ from iad_lightning.methods.base import AnomalyModule
 from iad_lightning.models.backbones import FeatureExtractor
 from iad_lightning.models.coreset import approximate_greedy_coreset
 from iad_lightning.models.nn_search import NearestNeighbourSearch
-from iad_lightning.models.patchcore import PatchCoreModel
+from iad_lightning.models.patchcore import PatchCoreModel, resolve_embed_dimensions
 
 
 class PatchCore(AnomalyModule):
@@ -34,8 +34,8 @@ class PatchCore(AnomalyModule):
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
         num_starts: int = 10,
-        pretrain_embed_dimension: int = 1024,
-        target_embed_dimension: int = 1024,
+        pretrain_embed_dimension: int | list[int] | str = "auto",
+        target_embed_dimension: int | str = "auto",
         patch_size: int = 3,
         num_neighbors: int = 1,
         paper_reweighting: bool = False,
@@ -50,9 +50,14 @@ class PatchCore(AnomalyModule):
             raise ConfigError(f"method.coreset_ratio={coreset_ratio} must be in (0, 1]")
         self.save_hyperparameters()
         self.feature_extractor = FeatureExtractor(**backbone)
+        try:  # "auto": the paper's 1024/1024 unless a layer would be stretched (see the function)
+            pretrain_dims, target_dim = resolve_embed_dimensions(
+                pretrain_embed_dimension, target_embed_dimension, self.feature_extractor.channels, patch_size)
+        except ValueError as err:
+            raise ConfigError(f"method.{err}") from None
         self.model = PatchCoreModel(
-            pretrain_embed_dimension=pretrain_embed_dimension,
-            target_embed_dimension=target_embed_dimension,
+            pretrain_embed_dimension=pretrain_dims,
+            target_embed_dimension=target_dim,
             patch_size=patch_size,
             num_neighbors=num_neighbors,
             paper_reweighting=paper_reweighting,
