@@ -346,6 +346,27 @@ def test_faiss_and_torch_search_agree():
     torch.testing.assert_close(d_ref, results["torch", False][0])
 
 
+def test_search_threads_and_float16_rerank_give_the_exact_neighbours():
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(500, 40, generator=g), torch.randn(200, 40, generator=g)
+    brute = ((queries[:, None] - bank[None]) ** 2).sum(-1).topk(3, largest=False)
+    backends = ["torch"] + (["faiss"] if nn_search_module.faiss_available() else [])
+    for backend in backends:
+        search = NearestNeighbourSearch(backend=backend, num_threads=1).fit(bank)
+        assert torch.equal(search.search(queries, 3)[1], brute.indices)
+    if "faiss" in backends:  # the thread count is restored after the search
+        before = nn_search_module.faiss.omp_get_max_threads()
+        NearestNeighbourSearch(backend="faiss", num_threads=1).fit(bank).search(queries, 1)
+        assert nn_search_module.faiss.omp_get_max_threads() == before
+    half = NearestNeighbourSearch(backend="torch", precision="float16", rerank=8).fit(bank)
+    d, i = half.search(queries, 3)
+    assert half._built.dtype == torch.float16 and d.dtype == torch.float32
+    assert torch.equal(i, brute.indices)  # float32 re-ranking of the fp16 candidates
+    torch.testing.assert_close(d, brute.values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="precision"):
+        NearestNeighbourSearch(precision="int8")
+
+
 def test_search_rebuilds_when_the_bank_changes(monkeypatch):
     bank = torch.zeros(4, 3)
     bank[1] = 1.0
