@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from iad_lightning.checkpoint import CONFIG_KEY
+from iad_lightning.data.crop_check import crop_check, warn_if_cropped
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.distributed import gather_objects
 from iad_lightning.errors import ConfigError
@@ -82,6 +83,8 @@ class AnomalyModule(L.LightningModule):
                 "anomaly_map": out["anomaly_map"].detach().float().cpu().numpy()[:, 0],
                 "mask": batch["mask"].cpu().numpy()[:, 0] > 0.5,
                 "category": np.asarray(batch["category"]),
+                # fraction of mask pixels inside the crop (data/crop_check.py); 1 for other loaders
+                "mask_kept": np.asarray(batch.get("mask_kept", np.ones(len(batch["index"]))), dtype=np.float64),
             }
         )
         return out
@@ -90,6 +93,9 @@ class AnomalyModule(L.LightningModule):
         merged = gather_predictions(self._test_outputs)
         self._test_outputs = []
         self.results = metrics_per_category(merged, self.trainer.datamodule)
+        self.results["crop_check"] = crop_check(merged["category"], merged["label"], merged["mask_kept"])
+        if self.trainer.is_global_zero:
+            warn_if_cropped(self.results["crop_check"])
         for cat, values in self.results["categories"].items():
             for key, value in values.items():
                 if value is not None:

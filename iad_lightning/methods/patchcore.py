@@ -30,7 +30,7 @@ class PatchCore(AnomalyModule):
         self,
         backbone: dict[str, Any],
         resize: int = 256,
-        crop: int = 224,
+        crop: int | None = 224,
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
         num_starts: int = 10,
@@ -72,7 +72,10 @@ class PatchCore(AnomalyModule):
     @property
     def preprocess(self) -> Preprocess:
         fe = self.feature_extractor
-        return Preprocess(resize=self.hparams.resize, crop=self.hparams.crop, mean=fe.mean, std=fe.std)
+        resize = self.hparams.resize
+        if self.hparams.crop is None:  # method.crop: null: the whole image, resized to a square (r, r)
+            resize = (resize, resize) if isinstance(resize, int) else tuple(resize)
+        return Preprocess(resize=resize, crop=self.hparams.crop, mean=fe.mean, std=fe.std)
 
     def configure_optimizers(self) -> None:
         return None  # nothing is trained
