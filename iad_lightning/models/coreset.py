@@ -159,15 +159,51 @@ def approximate_greedy_coreset(
     if method == "deferred" and device.type != "cpu":
         raise ValueError(f"approximate_greedy_coreset: method='deferred' runs on CPU, got device={device}.")
 
+    generator, weight = coreset_projection(d, projection_dim, seed, device)
+    projected_t, sq_norms = _project(features, weight, device, chunk_size)  # (d', N_pad), (N_pad,)
+    selected = greedy_coreset_from_projection(projected_t, sq_norms, n, ratio, generator, num_starts, method,
+                                              candidates, chunk_size)
+    return selected.to(features.device)
+
+
+def coreset_projection(dim: int, projection_dim: int | None, seed: int,
+                       device: torch.device | str = "cpu") -> tuple[torch.Generator, Tensor | None]:
+    """The seeded generator and the random projection psi (``projection_dim`` x ``dim``, or None
+    when no projection applies) of ``approximate_greedy_coreset``: its first draws. The starting
+    points are drawn next from the same generator by ``greedy_coreset_from_projection``, so a
+    caller that projects rows as they arrive (``methods/patchcore.py``) selects the same points."""
     generator = torch.Generator().manual_seed(seed)
     weight = None
-    if projection_dim is not None and projection_dim != d:
+    if projection_dim is not None and projection_dim != dim:
         # nn.Linear default init (kaiming_uniform_, a=sqrt(5)) == U(-1/sqrt(D), 1/sqrt(D)).
-        bound = 1.0 / math.sqrt(d)
-        weight = torch.empty(projection_dim, d).uniform_(-bound, bound, generator=generator).to(device)
-    starts = torch.randperm(n, generator=generator)[: min(num_starts, n)].to(device)
+        bound = 1.0 / math.sqrt(dim)
+        weight = torch.empty(projection_dim, dim).uniform_(-bound, bound, generator=generator).to(device)
+    return generator, weight
 
-    projected_t, sq_norms = _project(features, weight, device, chunk_size)  # (d', N_pad), (N_pad,)
+
+@torch.no_grad()
+def greedy_coreset_from_projection(
+    projected_t: Tensor, sq_norms: Tensor, n: int, ratio: float, generator: torch.Generator,
+    num_starts: int = 10, method: str = "auto", candidates: int = 1024, chunk_size: int = 65536,
+) -> Tensor:
+    """Steps 2-3 of ``approximate_greedy_coreset`` on projected rows in its layout:
+    ``projected_t`` (d', N_pad) with zero columns from ``n`` up to a multiple of 64 and
+    ``sq_norms`` (N_pad,) = |psi(x)|^2; ``generator`` is the one of ``coreset_projection``
+    (after the projection's draw). Returns the selected indices on ``projected_t.device``."""
+    if method not in ("auto", "plain", "deferred"):
+        raise ValueError(f"greedy_coreset_from_projection: method must be 'auto', 'plain' or 'deferred', got {method!r}.")
+    device = projected_t.device
+    if ratio >= 1:
+        return torch.arange(n, device=device)
+    num_select = int(n * ratio)
+    if num_select <= 0:
+        raise ValueError(f"approximate_greedy_coreset: ratio={ratio} of {n} features selects 0 rows; "
+                         "raise the coreset ratio or feed more images.")
+    if method == "auto":
+        method = "deferred" if device.type == "cpu" and n >= _DEFERRED_MIN_ROWS and ratio <= 0.5 else "plain"
+    if method == "deferred" and device.type != "cpu":
+        raise ValueError(f"approximate_greedy_coreset: method='deferred' runs on CPU, got device={device}.")
+    starts = torch.randperm(n, generator=generator)[: min(num_starts, n)].to(device)
 
     # Initial min-distance: mean Euclidean distance to the starting points (starts not selected).
     anchors = projected_t[:, starts]  # (d', S)
@@ -189,13 +225,12 @@ def approximate_greedy_coreset(
         torch.set_num_threads(1)
         try:
             if _gemv_rows_are_independent(projected_t, sq_norms, n, threads):
-                selected = _greedy_deferred(projected_t, sq_norms, min_sq, n, num_select, candidates, threads)
-                return selected.to(features.device)
+                return _greedy_deferred(projected_t, sq_norms, min_sq, n, num_select, candidates, threads)
         finally:
             torch.set_num_threads(threads)
         warnings.warn("approximate_greedy_coreset: this BLAS does not give a row of a mat-vec the same "
                       "bits in every call; using the plain loop.", RuntimeWarning, stacklevel=2)
-    return _greedy_plain(projected_t, sq_norms, min_sq, num_select).to(features.device)
+    return _greedy_plain(projected_t, sq_norms, min_sq, num_select)
 
 
 def _greedy_plain(projected_t: Tensor, sq_norms: Tensor, min_sq: Tensor, num_select: int) -> Tensor:
