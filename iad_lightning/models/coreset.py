@@ -80,6 +80,8 @@ from torch import Tensor
 _ROW_ALIGN = 64
 # Below this many rows the plain loop is fast anyway (and S would be most of the data).
 _DEFERRED_MIN_ROWS = 16384
+# Rows on which _gemv_rows_are_independent checks the BLAS property (a random subset above it).
+_CHECK_ROWS = 1 << 18
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -254,16 +256,18 @@ def _gemv_rows_are_independent(projected_t: Tensor, sq_norms: Tensor, n: int, pl
                                seed: int = 0) -> bool:
     """Whether the mat-vec gives every row the same bits as in the full (N_pad-row) plain call with
     ``plain_threads`` threads when the rows are gathered into other calls of other sizes (multiples
-    of ``_ROW_ALIGN``) run with the current thread count, as the deferred loop does. Checked on all
-    N rows for two centres (~2 full mat-vecs + one gather of the projection)."""
+    of ``_ROW_ALIGN``) run with the current thread count, as the deferred loop does. Checked on
+    up to ``_CHECK_ROWS`` random rows (all N below it) for two centres (~2 full mat-vecs + one
+    gather of those rows: bounded, so that the check does not copy a multi-GB projection)."""
     n_pad = projected_t.shape[1]
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g).to(projected_t.device)
+    perm = torch.randperm(n, generator=g)[:_CHECK_ROWS].to(projected_t.device)
+    m = perm.numel()
     # groups of 64..4096 rows (a few sizes), each padded with the zero padding row / row 0
     sizes, total = [], 0
     options = [64, 128, 192, 1024, 4096, 640]
-    while total < n:
-        size = min(options[len(sizes) % len(options)], n - total)
+    while total < m:
+        size = min(options[len(sizes) % len(options)], m - total)
         sizes.append(size)
         total += size
     padded = [_round_up(s, _ROW_ALIGN) for s in sizes]
