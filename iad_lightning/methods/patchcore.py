@@ -7,9 +7,11 @@ seeded matrix as ``approximate_greedy_coreset``, so the same selection) and only
 ``projection_dim``-d rows stay in memory; the full-dimension rows go to a temporary file on disk
 (float32, exact). At the end the projections are gathered from all ranks and put in dataset
 order, the greedy coreset runs on them, and only the selected full rows are read back (and
-gathered from the rank that holds them). Peak memory is the N x 128 projection, not the
-N x D bank: for 4,000 images at 224 (3.1 M patches) 1.6 GB instead of 12.8 GB at 1024 dims
-(``bench/patchcore_scale.py``). The bank equals a single-process, full-bank run's.
+gathered from the rank that holds them). What grows with N is the N x 128 projection, not the
+N x D bank (4,000 images at 224, 3.1 M patches: 1.6 GB against 12.8 GB at 1024 dims); at the
+peak it exists about three times (the per-batch list, the coreset's layout and the deferred
+loop's row-major copy; ``bench/patchcore_scale.py``). The bank equals a single-process,
+full-bank run's.
 """
 
 from __future__ import annotations
