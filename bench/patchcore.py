@@ -56,7 +56,20 @@ METRICS = (
 
 
 # ------------------------------------------------------------------------------- worker: ours
-def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int, seed: int) -> dict:
+def parse_dims(spec: str) -> tuple:
+    """``--dims`` entry ``PRETRAIN/TARGET`` -> PatchCore's two arguments. PRETRAIN: an int, a
+    comma list (one per layer) or a rule (auto, channels, unfolded); TARGET: an int or auto."""
+    pre, _, target = spec.partition("/")
+    target = target or "auto"
+    if "," in pre:
+        pre = [int(v) for v in pre.split(",")]
+    elif pre.isdigit():
+        pre = int(pre)
+    return pre, int(target) if target.isdigit() else target
+
+
+def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int, seed: int,
+             dims: str = "auto/auto", search: dict | None = None) -> dict:
     """One fit + test of our PatchCore in this (fresh) process; returns the measurements."""
     import warnings
 
@@ -85,10 +98,14 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
     datamodule = AnomalyDataModule(
         format="mvtec", root=data_root, category=dataset, batch_size=batch_size, seed=seed
     )
+    pretrain, target = parse_dims(dims)
     model = PatchCore(
         backbone={"name": "tf_efficientnet_lite0", "layers": [2, 3], "weights": "lite0"},
         coreset_ratio=coreset_ratio,
         seed=seed,
+        pretrain_embed_dimension=pretrain,
+        target_embed_dimension=target,
+        search=search,
     )
     datamodule.preprocess = model.preprocess
     trainer = L.Trainer(
@@ -116,6 +133,10 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
     fe = model.feature_extractor
     return {
         "impl": "ours",
+        "label": f"ours {dims}" + (f" {json.dumps(search, separators=(',', ':'))}" if search else ""),
+        "dims": dims,
+        "embed_dims": [model.model.embedding.pretrain_embed_dimension, model.model.embedding.target_embed_dimension],
+        "search": search,
         "dataset": dataset,
         "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -168,6 +189,14 @@ def run_subprocess(cmd: list[str], label: str, log_dir: Path, env: dict | None =
     return result
 
 
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def fmt(value, digits: int = 4) -> str:
     if value is None:
         return "–"
@@ -180,48 +209,63 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}×" if a is not None and b not in (None, 0) else "–"
 
 
-def table(dataset: str, runs: dict[str, dict]) -> str:
-    """Markdown table of one data set: a column per implementation, ratio anomalib/ours."""
-    impls = [i for i in ("ours", "anomalib") if i in runs]
-    both = len(impls) == 2
-    any_r = next(iter(runs.values()))
-    head = f"**{dataset}** ({any_r['n_train']} train / {any_r['n_test']} test images, coreset ratio {any_r['coreset_ratio']}, device {any_r['device']})\n\n"
-    cols = ["", *impls] + (["anomalib / ours"] if both else [])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+def label_of(run: dict) -> str:
+    return run.get("label") or run["impl"]  # result files before --dims have no label
 
-    def row(label, key, digits=1, with_ratio=True, src=None):
-        vals = [(src or (lambda r: r.get(key)))(runs[i]) for i in impls]
+
+def table(dataset: str, runs: dict[str, dict]) -> str:
+    """Markdown table of one data set: a column per run (ours per embedding size, anomalib).
+
+    With anomalib present, "anomalib / ours" rows give anomalib's time over ours (> 1: ours is
+    faster) for every column of ours.
+    """
+    labels = sorted((k for k in runs if runs[k]["impl"] == "ours"), key=lambda k: runs[k].get("order", 0))
+    labels += [k for k in runs if runs[k]["impl"] == "anomalib"]
+    ana = next((runs[k] for k in labels if runs[k]["impl"] == "anomalib"), None)
+    any_r = next(iter(runs.values()))
+    head = (f"**{dataset}** ({any_r['n_train']} train / {any_r['n_test']} test images, coreset ratio "
+            f"{any_r['coreset_ratio']}, device {any_r['device']})\n\n")
+    lines = ["| " + " | ".join(["", *labels]) + " |", "|" + "|".join(["---"] + ["---:"] * len(labels)) + "|"]
+
+    def row(label, key, digits=1, src=None):
+        vals = [(src or (lambda r: r.get(key)))(runs[k]) for k in labels]
         cells = [fmt(v, digits) if isinstance(v, float) else fmt(v) for v in vals]
-        if both:
-            cells.append(ratio(vals[1], vals[0]) if with_ratio else "")
         lines.append("| " + " | ".join([label, *cells]) + " |")
 
+    row("embedding dims", "embed_dims", src=lambda r: "/".join(
+        ",".join(map(str, d)) if isinstance(d, list) else str(d) for d in r["embed_dims"]) if r.get("embed_dims") else "–")
     row("fit (s)", "fit_s")
     row("  of which coreset (s)", "coreset_s")
-    if "anomalib" in runs:
-        row("  + validation pass, anomalib only (s)", "validation_s", with_ratio=False)
+    if ana:
+        row("  + validation pass, anomalib only (s)", "validation_s")
     row("predict (s)", "predict_s")
+    if ana:
+        row("  anomalib predict / this predict", "", digits=2, src=lambda r: (
+            ana["predict_s"] / r["predict_s"]) if r["impl"] == "ours" else None)
+        row("  anomalib fit / this fit", "", digits=2, src=lambda r: (
+            ana["fit_s"] / r["fit_s"]) if r["impl"] == "ours" else None)
     row("predict images/s", "predict_images_per_s", digits=2)
     row("peak RSS (MiB)", "max_rss_mib", digits=0)
     if any(r.get("cuda_peak_mib") for r in runs.values()):
         row("peak CUDA (MiB)", "cuda_peak_mib", digits=0)
-    row("memory bank", "memory_bank", with_ratio=False, src=lambda r: "×".join(map(str, r["memory_bank"])))
+    row("memory bank", "memory_bank", src=lambda r: "×".join(map(str, r["memory_bank"])))
     for key, label in METRICS:
-        row(label, key, digits=4, with_ratio=False, src=lambda r, k=key: r["metrics"].get(k))
-    if "anomalib" in runs and runs["anomalib"].get("anomalib_metrics"):
-        own = runs["anomalib"]["anomalib_metrics"]
+        row(label, key, digits=4, src=lambda r, k=key: r["metrics"].get(k))
+    if ana and ana.get("anomalib_metrics"):
+        own = ana["anomalib_metrics"]
         for key, label in (("image_AUROC", "anomalib's own image AUROC"), ("pixel_AUROC", "anomalib's own pixel AUROC")):
             if key in own:
-                lines.append("| " + " | ".join([label, *(["–", fmt(own[key])] if both else [fmt(own[key])])] + ([""] if both else [])) + " |")
+                row(label, "", digits=4, src=lambda r, k=key: own[k] if r is ana else None)
     return head + "\n".join(lines)
 
 
 def render(results: list[dict]) -> str:
     by_set: dict[tuple, dict[str, dict]] = {}
-    for r in results:
+    for i, r in enumerate(results):
         if r["impl"] == "ours":
             r["validation_s"] = None  # ours has no validation pass (older result files said 0.0)
-        by_set.setdefault((r["dataset"], r["coreset_ratio"]), {})[r["impl"]] = r
+        r.setdefault("order", i)
+        by_set.setdefault((r["dataset"], r["coreset_ratio"]), {})[label_of(r)] = r
     return "\n\n".join(table(ds, runs) for (ds, _), runs in by_set.items())
 
 
@@ -233,15 +277,23 @@ def main() -> None:
     parser.add_argument("--with-anomalib", action="store_true", help="also run anomalib (needs its venv)")
     parser.add_argument("--anomalib-python", default=DEFAULT_ANOMALIB_PYTHON)
     parser.add_argument("--skip-ours", action="store_true", help="run anomalib only")
+    parser.add_argument("--dims", nargs="+", default=["auto/auto"], metavar="PRETRAIN/TARGET",
+                        help="embedding sizes of ours, one run each: PRETRAIN an int, a comma list (per "
+                             "layer) or auto|channels|unfolded; TARGET an int or auto (default auto/auto)")
+    parser.add_argument("--search", default=None, metavar="JSON",
+                        help="method.search options of ours as JSON, e.g. '{\"num_threads\": 1}'")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file (default /tmp/patchcore_bench_<host>.json)")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only print tables from saved JSON files")
     parser.add_argument("--_worker-ours", dest="worker", metavar="DATASET", help=argparse.SUPPRESS)
+    parser.add_argument("--_worker-dims", dest="worker_dims", default="auto/auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:  # inside the fresh subprocess
-        result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed)
+        search = json.loads(args.search) if args.search else None
+        result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed,
+                          args.worker_dims, search)
         print(MARK + json.dumps(result), flush=True)
         return
     if args.render:
@@ -262,6 +314,7 @@ def main() -> None:
     env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore::FutureWarning")
 
     results: list[dict] = []
+    load_before = os.getloadavg()
     for dataset in args.datasets:
         if not (data_root / dataset / "train").is_dir():
             print(f"[bench] skip {dataset}: no MVTec-layout folder {data_root / dataset}", flush=True)
@@ -273,18 +326,22 @@ def main() -> None:
             r = run_subprocess(cmd, f"anomalib_{dataset}_{args.coreset_ratio}", log_dir, env)
             if r:
                 results.append(r)
-        if not args.skip_ours:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common]
-            r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}", log_dir, env)
+        for dims in ([] if args.skip_ours else args.dims):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common,
+                   "--_worker-dims", dims] + (["--search", args.search] if args.search else [])
+            r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}_{dims.replace('/', '-').replace(',', '_')}",
+                               log_dir, env)
             if r:
                 results.append(r)
         out.write_text(json.dumps({"host": platform.node(), "python": sys.version.split()[0],
-                                   "cpu_count": os.cpu_count(), "runs": results}, indent=1))
+                                   "cpu_count": os.cpu_count(), "argv": sys.argv[1:], "commit": _commit(),
+                                   "load_before": load_before, "load_after": os.getloadavg(),
+                                   "runs": results}, indent=1))
 
     if not results:
         print("[bench] nothing ran", flush=True)
         return
-    print(f"\n[bench] results: {out}\n")
+    print(f"\n[bench] results: {out}; load average before {load_before}, after {os.getloadavg()}\n")
     print(render(results))
 
 

@@ -59,7 +59,8 @@ def markdown_table(results: dict[str, Any], keys: tuple[str, ...] = METRIC_KEYS)
 
 def write_results(results: dict[str, Any], out_dir: str | Path) -> None:
     """Write results.json (exact shape: categories/mean, plus ``trained_on`` for a method fitted on
-    other data, e.g. zero-shot AnomalyCLIP) and results.md into ``out_dir``."""
+    other data, e.g. zero-shot AnomalyCLIP, and ``crop_check`` when present) and results.md into
+    ``out_dir``."""
     out = Path(out_dir)
     clean = {
         "categories": {c: {k: m.get(k) for k in METRIC_KEYS} for c, m in results["categories"].items()},
@@ -67,5 +68,7 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> None:
     }
     if results.get("trained_on") is not None:  # what the method was fitted on, when not this data
         clean["trained_on"] = results["trained_on"]
+    if results.get("crop_check") is not None:  # defects cut by the centre crop (data/crop_check.py)
+        clean["crop_check"] = results["crop_check"]
     atomic_write(out / "results.json", json.dumps(clean, indent=2) + "\n")
     atomic_write(out / "results.md", markdown_table(clean))

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from iad_lightning.data.dataset import AnomalyDataset
 from iad_lightning.data.formats.base import get_index
 from iad_lightning.data.records import Record
-from iad_lightning.data.transforms import Preprocess
+from iad_lightning.data.transforms import Preprocess, without_crop
 from iad_lightning.errors import ConfigError, DatasetError
 
 
@@ -62,6 +62,11 @@ class AnomalyDataModule(L.LightningDataModule):
         pretrained on labelled anomalies). ``all``: train and test together (Real-IAD
         pretraining). With ``test`` or ``all`` this datamodule's test split is no held-out data:
         its test loader warns that metrics on it are not zero-shot / not held out.
+    center_crop: ``True`` (default) applies the method's centre crop as it is (the official
+        protocols); ``False`` drops it for every split (``transforms.without_crop``: the image
+        resized to a square of the method's resize size), e.g. for users' own images whose
+        defects touch the border (``data=folder``'s default). Test runs count the defects a crop
+        cuts (``results.json`` ``crop_check``).
     The method sets ``preprocess`` before the loaders are built.
     """
 
@@ -79,6 +84,7 @@ class AnomalyDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         fit_split: str = "train",
+        center_crop: bool = True,
     ) -> None:
         super().__init__()
         self.format, self.root, self.category = format, str(root), category
@@ -89,6 +95,7 @@ class AnomalyDataModule(L.LightningDataModule):
         if fit_split not in FIT_SPLITS:
             raise ConfigError(f"data.fit_split='{fit_split}' is unknown; use one of {list(FIT_SPLITS)}")
         self.fit_split = fit_split
+        self.center_crop = bool(center_crop)
         self.preprocess: Preprocess | None = None
         self._splits: dict[str, list[Record]] | None = None
         self.categories: list[str] = []
@@ -140,7 +147,7 @@ class AnomalyDataModule(L.LightningDataModule):
         if self.preprocess is None:
             raise ConfigError("datamodule.preprocess is unset: the method must set it before loading")
         records = self.fit_records() if split == "fit" else self.index_records()[split]
-        return AnomalyDataset(records, self.preprocess)
+        return AnomalyDataset(records, self.preprocess if self.center_crop else without_crop(self.preprocess))
 
     def category_ends(self, split: str = "test") -> dict[str, int]:
         """Per category, one past the index of its last image in ``dataset(split)``: the

@@ -16,6 +16,8 @@ class AnomalyDataset(Dataset):
 
     ``index`` is the position in this dataset: the evaluation path uses it to drop the
     duplicates a distributed sampler pads with and to restore a rank-independent order.
+    ``mask_kept`` is the fraction of the mask's pixels that the method's centre crop keeps
+    (1.0 without a crop or without mask pixels), counted by ``iad_lightning.data.crop_check``.
     """
 
     def __init__(self, records: Sequence[Record], preprocess: Preprocess) -> None:
@@ -29,7 +31,7 @@ class AnomalyDataset(Dataset):
         rec = self.records[index]
         image = load_image(rec.image)
         mask = load_mask(rec.masks, image.size, rec.mask_threshold, image_path=rec.image)
-        image_t, mask_t = self.transform(image, mask)
+        image_t, mask_t, kept = self.transform.apply(image, mask)
         return {
             "image": image_t,
             "mask": mask_t,
@@ -37,4 +39,5 @@ class AnomalyDataset(Dataset):
             "category": rec.category,
             "path": rec.image,
             "index": index,
+            "mask_kept": kept,
         }

@@ -4,11 +4,16 @@ The method owns these numbers (e.g. PatchCore: shorter side 256, crop 224, the b
 mean/std) and hands a ``Preprocess`` to the datamodule. Masks go through the same geometry with
 nearest-neighbour interpolation, so they stay binary; metrics are computed at this model
 resolution (the centre crop), as in the official PatchCore evaluation.
+
+Crop safety: ``PairTransform.apply`` also returns the fraction of the mask's pixels (counted at
+the resize resolution) that the centre crop keeps, so that every test run can count defects the
+crop cuts off (``iad_lightning.data.crop_check``). ``without_crop`` is the no-crop geometry
+(``method.crop: null``, ``data.center_crop: false``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -41,20 +46,44 @@ class Preprocess:
         return tuple(size)  # type: ignore[return-value]
 
 
+def without_crop(preprocess: Preprocess) -> Preprocess:
+    """The same preprocess with no centre crop: an int ``resize`` r becomes the exact square
+    (r, r), so the whole image is seen (its aspect ratio is not kept, like anomalib's default
+    PatchCore pre-processor) and images of different sizes still batch. Image and mask share the
+    resize, so map and mask stay aligned; metrics are then computed at r x r."""
+    if preprocess.crop is None:
+        return preprocess
+    r = preprocess.resize
+    return replace(preprocess, resize=(r, r) if isinstance(r, int) else tuple(r), crop=None)
+
+
 class PairTransform:
     """Applies a ``Preprocess`` to a PIL image and its boolean mask together."""
 
     def __init__(self, preprocess: Preprocess) -> None:
         resize = preprocess.resize if isinstance(preprocess.resize, int) else list(preprocess.resize)
-        geometry: list = [v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
-        if preprocess.crop is not None:
-            geometry.append(v2.CenterCrop(preprocess.crop))
-        self.geometry = v2.Compose([*geometry, *preprocess.extra])
+        self.resize = v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        self.crop = v2.CenterCrop(preprocess.crop) if preprocess.crop is not None else None
+        self.extra = v2.Compose(list(preprocess.extra)) if preprocess.extra else None
         self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
         self.normalize = v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std))
 
     def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        img, msk, _ = self.apply(image, mask)
+        return img, msk
+
+    def apply(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(image, mask, kept): ``kept`` is the fraction of the mask's pixels at the resize
+        resolution that survive the centre crop (1.0 without a crop or without mask pixels)."""
         img = self.to_tensor(image)
         msk = tv_tensors.Mask(torch.from_numpy(mask.astype(np.uint8))[None])
-        img, msk = self.geometry(tv_tensors.Image(img), msk)
-        return self.normalize(img).as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).float()
+        img, msk = self.resize(tv_tensors.Image(img), msk)
+        kept = 1.0
+        if self.crop is not None:
+            total = int(msk.sum())
+            img, msk = self.crop(img, msk)
+            if total:
+                kept = int(msk.sum()) / total
+        if self.extra is not None:
+            img, msk = self.extra(img, msk)
+        return self.normalize(img).as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).float(), kept

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from iad_lightning.checkpoint import CONFIG_KEY
+from iad_lightning.data.crop_check import crop_check, warn_if_cropped
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.errors import ConfigError
 from iad_lightning.methods.category_buffer import CategoryBuffer, category_order
@@ -34,6 +35,7 @@ class AnomalyModule(L.LightningModule):
         self.results: dict[str, Any] | None = None
         self._test_buffer = CategoryBuffer()
         self._test_metrics: dict[str, dict[str, Any]] = {}
+        self._test_crops: dict[str, dict[str, Any]] = {}  # crop_check per category (data/crop_check.py)
 
     # -- what a method provides -------------------------------------------------------------
     @property
@@ -76,7 +78,7 @@ class AnomalyModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         ends = dm.category_ends("test") if hasattr(dm, "category_ends") else {}
         self._test_buffer = CategoryBuffer(ends)  # without ends: every category at epoch end
-        self._test_metrics = {}
+        self._test_metrics, self._test_crops = {}, {}
         self.results = None
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -89,6 +91,8 @@ class AnomalyModule(L.LightningModule):
                 "anomaly_map": out["anomaly_map"].detach().float().cpu().numpy()[:, 0],
                 "mask": batch["mask"].cpu().numpy()[:, 0] > 0.5,
                 "category": np.asarray(batch["category"]),
+                # fraction of mask pixels inside the crop (data/crop_check.py); 1 for other loaders
+                "mask_kept": np.asarray(batch.get("mask_kept", np.ones(len(batch["index"]))), dtype=np.float64),
             }
         )
         for cat in self._test_buffer.ready():  # categories complete on this rank (collective)
@@ -99,6 +103,7 @@ class AnomalyModule(L.LightningModule):
         pred = self._test_buffer.release(cat)
         if pred is not None:
             self._test_metrics[cat] = self._reduce_category(cat, pred)
+            self._test_crops.update(crop_check(pred["category"], pred["label"], pred["mask_kept"]))
 
     def _reduce_category(self, cat: str, pred: dict[str, np.ndarray]) -> dict[str, Any]:
         """Metrics of one complete category: the one place where all of its predictions are in
@@ -118,8 +123,11 @@ class AnomalyModule(L.LightningModule):
             self._release_category(cat)
         order = category_order(list(self._test_metrics), getattr(self.trainer, "datamodule", None))
         per_cat = {cat: self._test_metrics[cat] for cat in order}
-        self._test_buffer, self._test_metrics = CategoryBuffer(), {}
-        self.results = {"categories": per_cat, "mean": mean_over_categories(per_cat)}
+        crops = {cat: self._test_crops[cat] for cat in order if cat in self._test_crops}
+        self._test_buffer, self._test_metrics, self._test_crops = CategoryBuffer(), {}, {}
+        self.results = {"categories": per_cat, "mean": mean_over_categories(per_cat), "crop_check": crops}
+        if self.trainer.is_global_zero:
+            warn_if_cropped(crops)
         for cat, values in self.results["categories"].items():
             for key, value in values.items():
                 if value is not None:

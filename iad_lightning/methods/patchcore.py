@@ -1,26 +1,41 @@
 """PatchCore (Roth et al., CVPR 2022) as a LightningModule: fit-time memory bank logic only.
 
 The network maths (embedding, scoring, maps) live in ``models/patchcore.py``; the coreset in
-``models/coreset.py``. Fitting is one pass over the train split: every rank embeds its shard,
-features stay on the CPU, the bank is gathered from all ranks and put in dataset order, then
-the approximate greedy coreset runs on the fastest available device. Because the order and the
-seed are fixed, the bank equals a single-process run's.
+``models/coreset.py``. Fitting is one pass over the train split with bounded memory: every
+batch's patch embeddings are projected at once with the coreset's random projection (the same
+seeded matrix as ``approximate_greedy_coreset``, so the same selection) and only these
+``projection_dim``-d rows stay in memory; the full-dimension rows go to a temporary file on disk
+(float32, exact). At the end the projections are gathered from all ranks and put in dataset
+order, the greedy coreset runs on them, and only the selected full rows are read back (and
+gathered from the rank that holds them). What grows with N is the N x 128 projection, not the
+N x D bank (4,000 images at 224, 3.1 M patches: 1.6 GB against 12.8 GB at 1024 dims); at the
+peak it exists about three times (the per-batch list, the coreset's layout and the deferred
+loop's row-major copy; ``bench/patchcore_scale.py``). The bank equals a single-process,
+full-bank run's.
 """
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
+import numpy as np
 import torch
 
 from iad_lightning.data.transforms import Preprocess
-from iad_lightning.distributed import gather_rows
+from iad_lightning.distributed import gather_objects, gather_rows, is_distributed
 from iad_lightning.errors import ConfigError
 from iad_lightning.methods.base import AnomalyModule
 from iad_lightning.models.backbones import FeatureExtractor
-from iad_lightning.models.coreset import approximate_greedy_coreset
+from iad_lightning.models.coreset import (
+    _ROW_ALIGN,
+    _round_up,
+    approximate_greedy_coreset,
+    coreset_projection,
+    greedy_coreset_from_projection,
+)
 from iad_lightning.models.nn_search import NearestNeighbourSearch
-from iad_lightning.models.patchcore import PatchCoreModel
+from iad_lightning.models.patchcore import PatchCoreModel, resolve_embed_dimensions
 
 
 class PatchCore(AnomalyModule):
@@ -30,12 +45,12 @@ class PatchCore(AnomalyModule):
         self,
         backbone: dict[str, Any],
         resize: int = 256,
-        crop: int = 224,
+        crop: int | None = 224,
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
         num_starts: int = 10,
-        pretrain_embed_dimension: int = 1024,
-        target_embed_dimension: int = 1024,
+        pretrain_embed_dimension: int | list[int] | str = "auto",
+        target_embed_dimension: int | str = "auto",
         patch_size: int = 3,
         num_neighbors: int = 1,
         paper_reweighting: bool = False,
@@ -50,9 +65,14 @@ class PatchCore(AnomalyModule):
             raise ConfigError(f"method.coreset_ratio={coreset_ratio} must be in (0, 1]")
         self.save_hyperparameters()
         self.feature_extractor = FeatureExtractor(**backbone)
+        try:  # "auto": the paper's 1024/1024 unless a layer would be stretched (see the function)
+            pretrain_dims, target_dim = resolve_embed_dimensions(
+                pretrain_embed_dimension, target_embed_dimension, self.feature_extractor.channels, patch_size)
+        except ValueError as err:
+            raise ConfigError(f"method.{err}") from None
         self.model = PatchCoreModel(
-            pretrain_embed_dimension=pretrain_embed_dimension,
-            target_embed_dimension=target_embed_dimension,
+            pretrain_embed_dimension=pretrain_dims,
+            target_embed_dimension=target_dim,
             patch_size=patch_size,
             num_neighbors=num_neighbors,
             paper_reweighting=paper_reweighting,
@@ -61,40 +81,38 @@ class PatchCore(AnomalyModule):
             nn_search=NearestNeighbourSearch(**(search or {})),
         )
         self.automatic_optimization = False
-        self._features: list[torch.Tensor] = []
-        self._indices: list[torch.Tensor] = []
+        self._fit: _StreamingBank | None = None
 
     @property
     def preprocess(self) -> Preprocess:
         fe = self.feature_extractor
-        return Preprocess(resize=self.hparams.resize, crop=self.hparams.crop, mean=fe.mean, std=fe.std)
+        resize = self.hparams.resize
+        if self.hparams.crop is None:  # method.crop: null: the whole image, resized to a square (r, r)
+            resize = (resize, resize) if isinstance(resize, int) else tuple(resize)
+        return Preprocess(resize=resize, crop=self.hparams.crop, mean=fe.mean, std=fe.std)
 
     def configure_optimizers(self) -> None:
         return None  # nothing is trained
 
     def on_train_epoch_start(self) -> None:
-        self._features, self._indices = [], []
+        self._fit = None
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         embedding, _ = self.model.embed(self.feature_extractor(batch["image"]))
-        self._features.append(embedding.to("cpu", torch.float32))  # (B, H*W, D) kept off the GPU
-        self._indices.append(batch["index"].cpu())
+        if self._fit is None:
+            self._fit = _StreamingBank(embedding.shape[-1], self.hparams.projection_dim, self.hparams.seed,
+                                       self._coreset_device())
+        self._fit.add(embedding, batch["index"])
+
+    def _coreset_device(self) -> torch.device:
+        return self.device if self.hparams.coreset_device == "auto" else torch.device(self.hparams.coreset_device)
 
     def on_train_epoch_end(self) -> None:
         group_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        bank = _bank_in_dataset_order(self._features, self._indices, group_device)
-        self._features, self._indices = [], []
-        device = self.device if self.hparams.coreset_device == "auto" else torch.device(self.hparams.coreset_device)
-        keep = approximate_greedy_coreset(
-            bank,
-            self.hparams.coreset_ratio,
-            projection_dim=self.hparams.projection_dim,
-            num_starts=self.hparams.num_starts,
-            seed=self.hparams.seed,
-            device=device,
-        )
-        self.model.fit(bank[keep.cpu()].to(self.device))
-        self.print(f"PatchCore: {bank.shape[0]} train patches -> memory bank {keep.numel()}")
+        fit, self._fit = self._fit, None
+        bank, n = fit.select(self.hparams.coreset_ratio, self.hparams.num_starts, group_device)
+        self.model.fit(bank.to(self.device))
+        self.print(f"PatchCore: {n} train patches -> memory bank {bank.shape[0]}")
         self.trainer.should_stop = True  # one pass over the data is the whole fit
 
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -140,3 +158,90 @@ def _first_occurrence(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     first = torch.full((unique.numel(),), indices.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, positions, reduce="amin")
     return unique, first
+
+
+class _StreamingBank:
+    """Fit-time store of the training patches with bounded memory (see the module docstring).
+
+    Per batch: the ``projection_dim``-d projection psi(x) = W x with W =
+    ``coreset_projection(D, projection_dim, seed)`` (the matrix ``approximate_greedy_coreset``
+    draws), computed on the coreset device, kept on the CPU; the full float32 rows appended to an
+    anonymous temporary file. ``select`` returns the coreset's full rows in selection order, equal
+    to ``bank[approximate_greedy_coreset(bank, ...)]`` of the dataset-ordered full bank (a test).
+    """
+
+    def __init__(self, dim: int, projection_dim: int | None, seed: int, device: torch.device) -> None:
+        self.dim, self.device = dim, device
+        self.generator, self.weight = coreset_projection(dim, projection_dim, seed, device)
+        self.projected: list[torch.Tensor] = []  # (B, P, d') per batch, CPU float32
+        self.indices: list[torch.Tensor] = []
+        self.spill = tempfile.TemporaryFile(prefix="patchcore_bank_")  # full rows, float32, in arrival order
+        self.rows = 0
+        self.patches = 0
+
+    def add(self, embedding: torch.Tensor, index: torch.Tensor) -> None:
+        b, p, d = embedding.shape
+        self.patches = p
+        flat = embedding.reshape(b * p, d)
+        proj = flat.to(self.device, torch.float32)
+        if self.weight is not None:
+            proj = proj @ self.weight.t()  # psi(x), row by row the same bits as the full-bank projection
+        self.projected.append(proj.to("cpu", torch.float32).view(b, p, -1))
+        self.spill.write(np.ascontiguousarray(flat.detach().to("cpu", torch.float32).numpy()).tobytes())
+        self.rows += b * p
+        self.indices.append(index.cpu())
+
+    def select(self, ratio: float, num_starts: int, group_device: torch.device) -> tuple[torch.Tensor, int]:
+        """(coreset rows (M, D) float32 CPU in selection order, number of train patches N)."""
+        p, device = self.patches, self.device
+        local_idx = torch.cat(self.indices)
+        idx = gather_rows(local_idx[:, None], group_device)[:, 0]  # images in gathered (rank) order
+        if is_distributed():
+            local = torch.cat(self.projected)
+            self.projected.clear()
+            chunks = [gather_rows(local, group_device)]
+            del local
+        else:
+            chunks = self.projected  # consumed below, so the peak stays near one copy
+        unique, first = _first_occurrence(idx)  # dataset order; first gathered position of each image
+        slot = torch.full((int(idx.max()) + 1,), -1, dtype=torch.long)
+        slot[unique] = torch.arange(unique.numel())
+        n = unique.numel() * p
+        dproj = chunks[0].shape[-1]
+        # the coreset's layout: (d', N_pad) with zero padding columns, |psi(x)|^2 row by row as in _project
+        projected_t = torch.zeros(dproj, _round_up(n, _ROW_ALIGN), dtype=torch.float32, device=device)
+        sq_norms = torch.zeros(projected_t.shape[1], dtype=torch.float32, device=device)
+        start = 0
+        while chunks:
+            chunk = chunks.pop(0)
+            pos = torch.arange(start, start + chunk.shape[0])
+            take = first[slot[idx[pos]]] == pos  # drop the duplicates a distributed sampler pads with
+            cols = (slot[idx[pos[take]]][:, None] * p + torch.arange(p)).reshape(-1).to(device)
+            rows = chunk[take].reshape(-1, dproj).to(device)
+            projected_t[:, cols] = rows.t()
+            sq_norms[cols] = (rows * rows).sum(1)
+            start += chunk.shape[0]
+            del chunk, rows
+        keep = greedy_coreset_from_projection(projected_t, sq_norms, n, ratio, self.generator, num_starts).cpu()
+        del projected_t, sq_norms
+        # dataset row -> (gathered image position, patch); full rows come from the rank that wrote them
+        image_pos, patch = first[keep // p], keep % p
+        sizes = [int(v) for v in gather_objects(local_idx.numel())]
+        rank = torch.distributed.get_rank() if is_distributed() else 0
+        offset = sum(sizes[:rank])
+        mine = (image_pos >= offset) & (image_pos < offset + sizes[rank])
+        self.spill.flush()
+        rows = torch.empty(0, self.dim, dtype=torch.float32)
+        if self.rows:
+            table = np.memmap(self.spill, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
+            local_rows = ((image_pos[mine] - offset) * p + patch[mine]).numpy()
+            rows = torch.from_numpy(np.array(table[local_rows]))  # reads only the selected rows
+            del table
+        self.spill.close()
+        if not is_distributed():
+            return rows, n
+        positions = gather_rows(torch.nonzero(mine)[:, 0][:, None], group_device)[:, 0]
+        rows = gather_rows(rows, group_device)
+        bank = torch.empty(keep.numel(), self.dim, dtype=torch.float32)
+        bank[positions] = rows
+        return bank, n

@@ -80,6 +80,8 @@ from torch import Tensor
 _ROW_ALIGN = 64
 # Below this many rows the plain loop is fast anyway (and S would be most of the data).
 _DEFERRED_MIN_ROWS = 16384
+# Rows on which _gemv_rows_are_independent checks the BLAS property (a random subset above it).
+_CHECK_ROWS = 1 << 18
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -159,15 +161,51 @@ def approximate_greedy_coreset(
     if method == "deferred" and device.type != "cpu":
         raise ValueError(f"approximate_greedy_coreset: method='deferred' runs on CPU, got device={device}.")
 
+    generator, weight = coreset_projection(d, projection_dim, seed, device)
+    projected_t, sq_norms = _project(features, weight, device, chunk_size)  # (d', N_pad), (N_pad,)
+    selected = greedy_coreset_from_projection(projected_t, sq_norms, n, ratio, generator, num_starts, method,
+                                              candidates, chunk_size)
+    return selected.to(features.device)
+
+
+def coreset_projection(dim: int, projection_dim: int | None, seed: int,
+                       device: torch.device | str = "cpu") -> tuple[torch.Generator, Tensor | None]:
+    """The seeded generator and the random projection psi (``projection_dim`` x ``dim``, or None
+    when no projection applies) of ``approximate_greedy_coreset``: its first draws. The starting
+    points are drawn next from the same generator by ``greedy_coreset_from_projection``, so a
+    caller that projects rows as they arrive (``methods/patchcore.py``) selects the same points."""
     generator = torch.Generator().manual_seed(seed)
     weight = None
-    if projection_dim is not None and projection_dim != d:
+    if projection_dim is not None and projection_dim != dim:
         # nn.Linear default init (kaiming_uniform_, a=sqrt(5)) == U(-1/sqrt(D), 1/sqrt(D)).
-        bound = 1.0 / math.sqrt(d)
-        weight = torch.empty(projection_dim, d).uniform_(-bound, bound, generator=generator).to(device)
-    starts = torch.randperm(n, generator=generator)[: min(num_starts, n)].to(device)
+        bound = 1.0 / math.sqrt(dim)
+        weight = torch.empty(projection_dim, dim).uniform_(-bound, bound, generator=generator).to(device)
+    return generator, weight
 
-    projected_t, sq_norms = _project(features, weight, device, chunk_size)  # (d', N_pad), (N_pad,)
+
+@torch.no_grad()
+def greedy_coreset_from_projection(
+    projected_t: Tensor, sq_norms: Tensor, n: int, ratio: float, generator: torch.Generator,
+    num_starts: int = 10, method: str = "auto", candidates: int = 1024, chunk_size: int = 65536,
+) -> Tensor:
+    """Steps 2-3 of ``approximate_greedy_coreset`` on projected rows in its layout:
+    ``projected_t`` (d', N_pad) with zero columns from ``n`` up to a multiple of 64 and
+    ``sq_norms`` (N_pad,) = |psi(x)|^2; ``generator`` is the one of ``coreset_projection``
+    (after the projection's draw). Returns the selected indices on ``projected_t.device``."""
+    if method not in ("auto", "plain", "deferred"):
+        raise ValueError(f"greedy_coreset_from_projection: method must be 'auto', 'plain' or 'deferred', got {method!r}.")
+    device = projected_t.device
+    if ratio >= 1:
+        return torch.arange(n, device=device)
+    num_select = int(n * ratio)
+    if num_select <= 0:
+        raise ValueError(f"approximate_greedy_coreset: ratio={ratio} of {n} features selects 0 rows; "
+                         "raise the coreset ratio or feed more images.")
+    if method == "auto":
+        method = "deferred" if device.type == "cpu" and n >= _DEFERRED_MIN_ROWS and ratio <= 0.5 else "plain"
+    if method == "deferred" and device.type != "cpu":
+        raise ValueError(f"approximate_greedy_coreset: method='deferred' runs on CPU, got device={device}.")
+    starts = torch.randperm(n, generator=generator)[: min(num_starts, n)].to(device)
 
     # Initial min-distance: mean Euclidean distance to the starting points (starts not selected).
     anchors = projected_t[:, starts]  # (d', S)
@@ -189,13 +227,12 @@ def approximate_greedy_coreset(
         torch.set_num_threads(1)
         try:
             if _gemv_rows_are_independent(projected_t, sq_norms, n, threads):
-                selected = _greedy_deferred(projected_t, sq_norms, min_sq, n, num_select, candidates, threads)
-                return selected.to(features.device)
+                return _greedy_deferred(projected_t, sq_norms, min_sq, n, num_select, candidates, threads)
         finally:
             torch.set_num_threads(threads)
         warnings.warn("approximate_greedy_coreset: this BLAS does not give a row of a mat-vec the same "
                       "bits in every call; using the plain loop.", RuntimeWarning, stacklevel=2)
-    return _greedy_plain(projected_t, sq_norms, min_sq, num_select).to(features.device)
+    return _greedy_plain(projected_t, sq_norms, min_sq, num_select)
 
 
 def _greedy_plain(projected_t: Tensor, sq_norms: Tensor, min_sq: Tensor, num_select: int) -> Tensor:
@@ -219,16 +256,18 @@ def _gemv_rows_are_independent(projected_t: Tensor, sq_norms: Tensor, n: int, pl
                                seed: int = 0) -> bool:
     """Whether the mat-vec gives every row the same bits as in the full (N_pad-row) plain call with
     ``plain_threads`` threads when the rows are gathered into other calls of other sizes (multiples
-    of ``_ROW_ALIGN``) run with the current thread count, as the deferred loop does. Checked on all
-    N rows for two centres (~2 full mat-vecs + one gather of the projection)."""
+    of ``_ROW_ALIGN``) run with the current thread count, as the deferred loop does. Checked on
+    up to ``_CHECK_ROWS`` random rows (all N below it) for two centres (~2 full mat-vecs + one
+    gather of those rows: bounded, so that the check does not copy a multi-GB projection)."""
     n_pad = projected_t.shape[1]
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g).to(projected_t.device)
+    perm = torch.randperm(n, generator=g)[:_CHECK_ROWS].to(projected_t.device)
+    m = perm.numel()
     # groups of 64..4096 rows (a few sizes), each padded with the zero padding row / row 0
     sizes, total = [], 0
     options = [64, 128, 192, 1024, 4096, 640]
-    while total < n:
-        size = min(options[len(sizes) % len(options)], n - total)
+    while total < m:
+        size = min(options[len(sizes) % len(options)], m - total)
         sizes.append(size)
         total += size
     padded = [_round_up(s, _ROW_ALIGN) for s in sizes]

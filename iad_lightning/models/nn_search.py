@@ -52,15 +52,19 @@ def faiss_num_gpus() -> int:
         return 0
 
 
-def torch_knn(queries: Tensor, bank: Tensor, k: int, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+def torch_knn(queries: Tensor, bank: Tensor, k: int, chunk_size: int = 4096,
+              dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Exact k-NN in torch: squared L2 = clamp(|q|^2 - 2 q.b + |b|^2, 0), then the k smallest.
 
     Queries are processed in chunks so that the (chunk, M) distance matrix stays below ~64 MB.
+    ``dtype=torch.float16`` computes the distances in half precision (a GPU lever: half the bank
+    memory and tensor-core matmuls; slower than float32 on CPU); the caller re-ranks the returned
+    candidates exactly in float32 (``NearestNeighbourSearch(precision="float16")`` does).
     Returns (squared distances (Q, k) float32, indices (Q, k) int64), both on ``queries.device``.
     """
-    bank = bank.to(device=queries.device, dtype=torch.float32)
-    queries = queries.to(torch.float32)
-    bank_sq = (bank * bank).sum(1)  # |b|^2, (M,)
+    bank = bank.to(device=queries.device, dtype=dtype)
+    queries = queries.to(dtype)
+    bank_sq = (bank.float() * bank.float()).sum(1).to(dtype)  # |b|^2, (M,)
     rows = max(1, min(chunk_size, (1 << 24) // max(1, bank.shape[0])))
     dists, idxs = [], []
     for start in range(0, queries.shape[0], rows):
@@ -68,7 +72,7 @@ def torch_knn(queries: Tensor, bank: Tensor, k: int, chunk_size: int = 4096) -> 
         d2 = torch.addmm(bank_sq.unsqueeze(0), q, bank.t(), alpha=-2.0)  # |b|^2 - 2 q.b
         d2.add_((q * q).sum(1, keepdim=True)).clamp_(min=0.0)  # + |q|^2, clamp like faiss
         d, i = torch.topk(d2, k, dim=1, largest=False, sorted=True)
-        dists.append(d)
+        dists.append(d.float())
         idxs.append(i)
     if not dists:
         return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=queries.device)
@@ -93,6 +97,16 @@ class NearestNeighbourSearch:
             cancellation, e.g. ~2e-3 instead of 0 for a query equal to a bank row of norm ~45; the
             refined values are the same squared L2 distances without that error (and exact ones for
             the approximate IVF-PQ codes). The neighbours found are unchanged (flat index).
+        num_threads: OpenMP threads of a CPU faiss search (``None``: faiss' default, all cores).
+            On a machine shared with other jobs 1 thread was 2.4x faster than 2 on 2 cores
+            (README, PatchCore predict levers); restored after each search.
+        precision: ``"float32"`` (default) or ``"float16"``: the torch backend keeps the bank in
+            half precision and computes distances in it, then re-ranks ``rerank`` candidates per
+            query exactly in float32 (``refine_squared_distances``) and keeps the k best. For a GPU
+            (half the bank memory, tensor cores); on CPU half-precision matmuls are slower. The
+            result equals the float32 search unless the true neighbour falls outside the
+            candidates (fp16 rounding of ~1e-3 relative); faiss searches use float32 regardless.
+        rerank: candidates per query re-ranked in float32 with ``precision="float16"`` (>= k).
     """
 
     def __init__(
@@ -106,6 +120,9 @@ class NearestNeighbourSearch:
         nprobe: int = 1,
         chunk_size: int = 4096,
         refine_distances: bool = True,
+        num_threads: int | None = None,
+        precision: str = "float32",
+        rerank: int = 16,
     ) -> None:
         if index not in _INDEXES:
             raise ValueError(f"NearestNeighbourSearch: index={index!r}, expected one of {_INDEXES}.")
@@ -116,6 +133,13 @@ class NearestNeighbourSearch:
         if backend == "faiss" and not _FAISS_AVAILABLE:
             raise ImportError("NearestNeighbourSearch: backend='faiss' but faiss is not installed; "
                               "pip install faiss-cpu (or faiss-gpu), or use backend='torch'.")
+        if precision not in ("float32", "float16"):
+            raise ValueError(f"NearestNeighbourSearch: precision={precision!r}, expected 'float32' or 'float16'.")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"NearestNeighbourSearch: num_threads={num_threads} must be >= 1 or None.")
+        self.num_threads = num_threads
+        self.precision = precision
+        self.rerank = rerank
         self.index = index
         self.device = device
         self.backend = backend
@@ -189,7 +213,8 @@ class NearestNeighbourSearch:
             return
         bank = self._bank.detach()
         if backend == "torch":
-            self._built = bank.to(device=target, dtype=torch.float32).contiguous()
+            dtype = torch.float16 if self.precision == "float16" else torch.float32
+            self._built = bank.to(device=target, dtype=dtype).contiguous()
         else:
             data = np.ascontiguousarray(bank.to("cpu", torch.float32).numpy())
             n, dim = data.shape
@@ -239,15 +264,25 @@ class NearestNeighbourSearch:
             raise ValueError(f"NearestNeighbourSearch.search: k={k} must be in [1, bank size {self._bank.shape[0]}].")
         backend, target = self._plan(queries)
         self._build(backend, target)
+        half = backend == "torch" and self.precision == "float16"
         if backend == "torch":
-            d, i = torch_knn(queries.to(target), self._built, k, self.chunk_size)
+            candidates = min(max(k, self.rerank), self._bank.shape[0]) if half else k
+            d, i = torch_knn(queries.to(target), self._built, candidates, self.chunk_size, self._built.dtype)
         else:
             q = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
-            d_np, i_np = self._built.search(q, k)
+            previous = faiss.omp_get_max_threads() if self.num_threads is not None else None
+            if previous is not None:
+                faiss.omp_set_num_threads(self.num_threads)
+            try:
+                d_np, i_np = self._built.search(q, k)
+            finally:
+                if previous is not None:
+                    faiss.omp_set_num_threads(previous)
             d, i = torch.from_numpy(d_np), torch.from_numpy(i_np).long()
         d, i = d.to(queries.device, torch.float32), i.to(queries.device)
-        if self.refine_distances:
+        if self.refine_distances or half:  # half: the exact float32 re-ranking of the candidates
             d, i = refine_squared_distances(queries, self._bank, d, i)
+            d, i = d[:, :k].contiguous(), i[:, :k].contiguous()
         return d, i
 
 

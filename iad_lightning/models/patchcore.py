@@ -36,8 +36,13 @@ __all__ = [
     "embed_reference",
     "gaussian_blur",
     "gaussian_kernel1d",
+    "resolve_embed_dimensions",
     "unfold_neighbourhood",
 ]
+
+# Official MeanMapper / Aggregator size; also the cap of the "unfolded" and "auto" rules.
+PAPER_EMBED_DIMENSION = 1024
+EMBED_RULES = ("auto", "channels", "unfolded")
 
 
 # --------------------------------------------------------------------------- embedding pieces
@@ -150,20 +155,73 @@ class Aggregator(nn.Module):
 
 
 def embed_reference(
-    features: Sequence[Tensor], pretrain_embed_dimension: int = 1024, target_embed_dimension: int = 1024,
-    patch_size: int = 3,
+    features: Sequence[Tensor], pretrain_embed_dimension: int | Sequence[int] = 1024,
+    target_embed_dimension: int = 1024, patch_size: int = 3,
 ) -> tuple[Tensor, tuple[int, int]]:
     """Literal official ``_embed`` order (unfold, align unfolded components, MeanMapper, stack,
     Aggregator). Memory-hungry (the aligned layer3 is (B, 784, 1024, 3, 3)); kept as the reference
-    that ``PatchEmbedding`` is tested against."""
+    that ``PatchEmbedding`` is tested against. Per-layer sizes (a list) are concatenated before
+    the Aggregator, which for equal sizes is the official stack-and-flatten."""
     unfolded = [unfold_neighbourhood(f.float(), patch_size) for f in features]
     grids = [_grid(f, patch_size) for f in features]
     aligned = [align_to_grid(u, g, grids[0]) for u, g in zip(unfolded, grids)]
     b = features[0].shape[0]
-    mapper, aggregator = MeanMapper(pretrain_embed_dimension), Aggregator(target_embed_dimension)
-    per_layer = [mapper(a.reshape(-1, *a.shape[-3:])) for a in aligned]  # (N, D) each
-    embedding = aggregator(torch.stack(per_layer, dim=1))  # (N, target)
+    dims = _per_layer(pretrain_embed_dimension, len(features))
+    aggregator = Aggregator(target_embed_dimension)
+    per_layer = [MeanMapper(d)(a.reshape(-1, *a.shape[-3:])) for a, d in zip(aligned, dims)]  # (N, D_l) each
+    embedding = aggregator(torch.cat(per_layer, dim=1)[:, :, None])  # (N, target)
     return embedding.view(b, -1, target_embed_dimension), grids[0]
+
+
+def _per_layer(dims: int | Sequence[int], num_layers: int) -> list[int]:
+    if isinstance(dims, int):
+        return [dims] * num_layers
+    dims = [int(d) for d in dims]
+    if len(dims) != num_layers:
+        raise ValueError(f"PatchEmbedding: {len(dims)} per-layer pretrain_embed_dimension values {dims} "
+                         f"for {num_layers} feature layers; give one per layer or a single int.")
+    return dims
+
+
+def resolve_embed_dimensions(
+    pretrain: int | Sequence[int] | str, target: int | str, channels: Sequence[int], patch_size: int = 3,
+) -> tuple[int | list[int], int]:
+    """Per-layer ``MeanMapper`` sizes and the ``Aggregator`` size from a config value.
+
+    pretrain: an int (official: the same for every layer), a list (one per layer), or a rule:
+        ``"channels"``: C_l per layer, i.e. each channel's 3x3 neighbourhood mean (the adaptive
+        windows of C_l * p^2 -> C_l are exactly one channel's p x p values), anomalib's feature;
+        ``"unfolded"``: min(C_l * p^2, 1024), the unfolded neighbourhood kept as it is up to 1024;
+        ``"auto"``: the paper's 1024 when every layer has C_l * p^2 >= 1024 values (pooling then
+        only compresses, as for WideResNet-50's 4608 and 9216), otherwise ``"channels"``, because
+        1024 would stretch a small layer by repeating its values (Lite0: 360 and 1008), which
+        costs search time and memory without information; ``bench/patchcore.py --dims`` measured
+        it (README, PatchCore).
+    target: an int, or ``"auto"``: min(sum of the per-layer sizes, 1024), so 1024 for the paper's
+        1024 + 1024 and no aggregation (identity) for ``"channels"`` on small backbones.
+    """
+    if isinstance(pretrain, str):
+        if pretrain not in EMBED_RULES:
+            raise ValueError(f"pretrain_embed_dimension={pretrain!r}: use an int, a list of ints (one per "
+                             f"layer) or one of {EMBED_RULES}.")
+        unfolded = [c * patch_size * patch_size for c in channels]
+        rule = pretrain
+        if rule == "auto":
+            rule = "paper" if min(unfolded) >= PAPER_EMBED_DIMENSION else "channels"
+        if rule == "paper":
+            pretrain = PAPER_EMBED_DIMENSION
+        elif rule == "channels":
+            pretrain = [int(c) for c in channels]
+        else:
+            pretrain = [min(u, PAPER_EMBED_DIMENSION) for u in unfolded]
+    per_layer = _per_layer(pretrain, len(channels))
+    if isinstance(target, str):
+        if target != "auto":
+            raise ValueError(f"target_embed_dimension={target!r}: use an int or 'auto'.")
+        target = min(sum(per_layer), PAPER_EMBED_DIMENSION)
+    if isinstance(pretrain, list) and len(set(pretrain)) == 1:
+        pretrain = pretrain[0]
+    return pretrain, int(target)
 
 
 def _grid(feat: Tensor, patch_size: int) -> tuple[int, int]:
@@ -185,10 +243,12 @@ class PatchEmbedding(nn.Module):
     layer2 of WR50 at 224).
     """
 
-    def __init__(self, pretrain_embed_dimension: int = 1024, target_embed_dimension: int = 1024,
+    def __init__(self, pretrain_embed_dimension: int | Sequence[int] = 1024, target_embed_dimension: int = 1024,
                  patch_size: int = 3) -> None:
         super().__init__()
-        self.pretrain_embed_dimension = pretrain_embed_dimension
+        # an int (official: every layer) or one size per layer (concatenated before the Aggregator)
+        self.pretrain_embed_dimension = (pretrain_embed_dimension if isinstance(pretrain_embed_dimension, int)
+                                         else [int(d) for d in pretrain_embed_dimension])
         self.target_embed_dimension = target_embed_dimension
         self.patch_size = patch_size
 
@@ -198,16 +258,23 @@ class PatchEmbedding(nn.Module):
         ref_grid = _grid(features[0], self.patch_size)
         b = features[0].shape[0]
         layers = []
-        for feat in features:
-            comps = _unfold_components(feat.float(), self.patch_size)  # (B, C*p*p, h, w)
-            h, w = comps.shape[-2:]
-            # MeanMapper: adaptive avg pool of the flattened (C, p, p) -> pretrain_embed_dimension.
-            pooled = adaptive_avg_pool_channels(comps.view(b, -1, h * w), self.pretrain_embed_dimension)
-            del comps
-            pooled = pooled.view(b, -1, h, w)
+        for feat, dim in zip(features, _per_layer(self.pretrain_embed_dimension, len(features))):
+            if dim == feat.shape[1]:
+                # C * p * p -> C: every adaptive window is one channel's p x p neighbourhood, so
+                # MeanMapper is a zero-padded p x p mean (divisor p * p): no unfold needed.
+                pad = (self.patch_size - 1) // 2
+                pooled = F.avg_pool2d(feat.float(), self.patch_size, stride=1, padding=pad, count_include_pad=True)
+                h, w = pooled.shape[-2:]
+            else:
+                comps = _unfold_components(feat.float(), self.patch_size)  # (B, C*p*p, h, w)
+                h, w = comps.shape[-2:]
+                # MeanMapper: adaptive avg pool of the flattened (C, p, p) -> pretrain_embed_dimension.
+                pooled = adaptive_avg_pool_channels(comps.view(b, -1, h * w), dim)
+                del comps
+                pooled = pooled.view(b, -1, h, w)
             if (h, w) != ref_grid:  # align to the first layer's patch grid
                 pooled = F.interpolate(pooled, size=ref_grid, mode="bilinear", align_corners=False)
-            layers.append(pooled.reshape(b, self.pretrain_embed_dimension, -1))
+            layers.append(pooled.reshape(b, dim, -1))
         # Stack to (N, L, D), flatten to L * D and Aggregator-pool to target_embed_dimension; along
         # dim 1 of (B, L * D, H * W) this is the same flattening order.
         stacked = torch.cat(layers, dim=1) if len(layers) > 1 else layers[0]
@@ -256,7 +323,8 @@ class PatchCoreModel(nn.Module):
     """PatchCore memory bank and scoring, no training and no Lightning.
 
     Args:
-        pretrain_embed_dimension: ``MeanMapper`` output per layer (official 1024).
+        pretrain_embed_dimension: ``MeanMapper`` output per layer (official 1024), or a list with one
+            size per layer (see ``resolve_embed_dimensions``).
         target_embed_dimension: ``Aggregator`` output, the patch feature dim D (official 1024).
         patch_size: neighbourhood p of the unfold (official 3).
         num_neighbors: k of the patch score, the mean of the k squared NN distances (official 1).
@@ -273,7 +341,7 @@ class PatchCoreModel(nn.Module):
 
     def __init__(
         self,
-        pretrain_embed_dimension: int = 1024,
+        pretrain_embed_dimension: int | Sequence[int] = 1024,
         target_embed_dimension: int = 1024,
         patch_size: int = 3,
         num_neighbors: int = 1,

@@ -26,7 +26,7 @@ def test_unified_mode_and_batch_contract(tmp_path):
     splits = dm.index_records()
     assert len(splits["train"]) == 4 and len(splits["test"]) == 8 and not splits["val"]
     batch = next(iter(dm.test_dataloader()))
-    assert set(batch) == {"image", "mask", "label", "category", "path", "index"}
+    assert set(batch) == {"image", "mask", "label", "category", "path", "index", "mask_kept"}
     assert batch["image"].shape == (2, 3, 24, 24) and batch["image"].dtype == torch.float32
     assert batch["mask"].shape == (2, 1, 24, 24)
     assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}

@@ -140,10 +140,16 @@ def test_streamed_metrics_equal_all_at_end_one_process_and_ddp(runs):
     ref = json.loads(json.dumps(reference(root)))  # same float -> JSON round trip as the runs
     single = json.loads((out / "single_0.json").read_text())
     assert list(single["results"]["categories"]) == ["bottle", "cable", "capsule"]
-    assert single["results"] == ref  # exactly, not approximately
+    metrics = {k: single["results"][k] for k in ("categories", "mean")}
+    assert metrics == ref  # exactly, not approximately
+    # no crop here: every defect is kept whole, and the per-category crop check says so
+    crops = single["results"]["crop_check"]
+    assert list(crops) == ["bottle", "cable", "capsule"]
+    assert all(c["partly_outside"] == c["wholly_outside"] == 0 and c["mask_pixels_kept"] == 1.0 for c in crops.values())
     for rank in (0, 1):
         ddp = json.loads((out / f"ddp_{rank}.json").read_text())
-        assert ddp["results"] == ref, rank
+        assert {k: ddp["results"][k] for k in ("categories", "mean")} == ref, rank
+        assert ddp["results"]["crop_check"] == crops, rank
     # rank 1 got the padding copy of index 0 (a 'bottle' image) in its last batch
     rank1 = json.loads((out / "ddp_1.json").read_text())["rows"]
     assert rank1[-1]["index"][-1] == 0 and rank1[-1]["category"][-1] == "bottle"

@@ -1,8 +1,10 @@
 """PatchCore LightningModule pieces: the bank is in dataset order whatever the loader order."""
 
+import pytest
 import torch
 
-from iad_lightning.methods.patchcore import _bank_in_dataset_order, _first_occurrence
+from iad_lightning.methods.patchcore import _bank_in_dataset_order, _first_occurrence, _StreamingBank
+from iad_lightning.models.coreset import approximate_greedy_coreset
 
 
 def test_bank_in_dataset_order_drops_padding_duplicates():
@@ -20,3 +22,27 @@ def test_bank_in_dataset_order_drops_padding_duplicates():
 def test_first_occurrence():
     unique, first = _first_occurrence(torch.tensor([5, 2, 5, 7, 2]))
     assert unique.tolist() == [2, 5, 7] and first.tolist() == [1, 0, 3]
+
+
+@pytest.mark.parametrize("n_images, dim, projection_dim, ratio", [
+    (24, 64, 16, 0.02),  # 18,816 patches: the deferred coreset path
+    (6, 40, 16, 0.1),  # 4,704 patches: the plain loop
+    (6, 16, 16, 0.1),  # projection_dim == D: no projection
+])
+def test_streaming_fit_selects_the_same_bank_as_the_full_bank(n_images, dim, projection_dim, ratio):
+    # today's path: the whole (N, D) bank in dataset order, then the coreset, then bank[keep]
+    g = torch.Generator().manual_seed(n_images)
+    images = torch.rand(n_images, 784, dim, generator=g) * torch.linspace(0.5, 2, dim)
+    order = torch.randperm(n_images, generator=g).tolist() + [0]  # shuffled, image 0 padded again
+    batches = [order[i : i + 5] for i in range(0, len(order), 5)]
+    feats = [images[b].clone() for b in batches]
+    idx = [torch.tensor(b) for b in batches]
+    bank = _bank_in_dataset_order(feats, idx, torch.device("cpu"))
+    keep = approximate_greedy_coreset(bank, ratio, projection_dim=projection_dim, num_starts=10, seed=3)
+    # streaming: per batch the projection in memory, the full rows on disk
+    stream = _StreamingBank(dim, projection_dim, seed=3, device=torch.device("cpu"))
+    for b in batches:
+        stream.add(images[b], torch.tensor(b))
+    selected, n = stream.select(ratio, 10, torch.device("cpu"))
+    assert n == bank.shape[0] == n_images * 784
+    assert torch.equal(selected, bank[keep])  # same points, same order, exact rows

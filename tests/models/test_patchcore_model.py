@@ -24,6 +24,7 @@ from iad_lightning.models.patchcore import (
     embed_reference,
     gaussian_blur,
     gaussian_kernel1d,
+    resolve_embed_dimensions,
     unfold_neighbourhood,
 )
 
@@ -111,6 +112,35 @@ def test_constant_layer3_rows_3_to_24_and_layer_dims():
     torch.testing.assert_close(emb_other[..., :512], emb[..., :512], rtol=0, atol=0)
     emb_l2, _ = PatchEmbedding()([torch.rand(1, 512, 28, 28), layer3])
     torch.testing.assert_close(emb_l2[..., 512:], emb[..., 512:], rtol=0, atol=0)
+
+
+def test_embed_dimension_rules():
+    # the paper's backbone keeps 1024/1024; a small one (Lite0: 40, 112 channels) is not stretched
+    assert resolve_embed_dimensions("auto", "auto", [512, 1024]) == (1024, 1024)
+    assert resolve_embed_dimensions(1024, 1024, [40, 112]) == (1024, 1024)
+    assert resolve_embed_dimensions("auto", "auto", [40, 112]) == ([40, 112], 152)
+    assert resolve_embed_dimensions("channels", "auto", [40, 112]) == ([40, 112], 152)
+    assert resolve_embed_dimensions("unfolded", "auto", [40, 112]) == ([360, 1008], 1024)
+    assert resolve_embed_dimensions("unfolded", 1368, [40, 112]) == ([360, 1008], 1368)
+    assert resolve_embed_dimensions([64, 64], "auto", [40, 112]) == (64, 128)
+    for bad in (("pca", "auto"), (1024, "sum"), ([1, 2, 3], "auto")):
+        with pytest.raises(ValueError):
+            resolve_embed_dimensions(*bad, [40, 112])
+
+
+@pytest.mark.parametrize("rule", ["channels", "unfolded"])
+def test_per_layer_embedding_matches_reference(rule):
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.rand(2, 40, 28, 28, generator=g), torch.rand(2, 112, 14, 14, generator=g)]
+    pre, target = resolve_embed_dimensions(rule, "auto", [40, 112])
+    ours, grid = PatchEmbedding(pre, target)(feats)
+    ref, _ = embed_reference(feats, pre, target)
+    assert grid == (28, 28) and ours.shape == (2, 784, target)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    if rule == "channels":  # each channel's zero-padded 3x3 mean, layer 3 bilinearly aligned (anomalib's feature)
+        l2 = F.avg_pool2d(feats[0], 3, 1, 1)
+        l3 = F.interpolate(F.avg_pool2d(feats[1], 3, 1, 1), size=(28, 28), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(ours, torch.cat([l2, l3], 1).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
 def test_wide_resnet50_shapes_random_weights():
@@ -314,6 +344,27 @@ def test_faiss_and_torch_search_agree():
         torch.testing.assert_close(d, brute.values, rtol=1e-4, atol=1e-4)
     d_ref, _ = torch_knn(queries, bank, 5, chunk_size=7)
     torch.testing.assert_close(d_ref, results["torch", False][0])
+
+
+def test_search_threads_and_float16_rerank_give_the_exact_neighbours():
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(500, 40, generator=g), torch.randn(200, 40, generator=g)
+    brute = ((queries[:, None] - bank[None]) ** 2).sum(-1).topk(3, largest=False)
+    backends = ["torch"] + (["faiss"] if nn_search_module.faiss_available() else [])
+    for backend in backends:
+        search = NearestNeighbourSearch(backend=backend, num_threads=1).fit(bank)
+        assert torch.equal(search.search(queries, 3)[1], brute.indices)
+    if "faiss" in backends:  # the thread count is restored after the search
+        before = nn_search_module.faiss.omp_get_max_threads()
+        NearestNeighbourSearch(backend="faiss", num_threads=1).fit(bank).search(queries, 1)
+        assert nn_search_module.faiss.omp_get_max_threads() == before
+    half = NearestNeighbourSearch(backend="torch", precision="float16", rerank=8).fit(bank)
+    d, i = half.search(queries, 3)
+    assert half._built.dtype == torch.float16 and d.dtype == torch.float32
+    assert torch.equal(i, brute.indices)  # float32 re-ranking of the fp16 candidates
+    torch.testing.assert_close(d, brute.values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="precision"):
+        NearestNeighbourSearch(precision="int8")
 
 
 def test_search_rebuilds_when_the_bank_changes(monkeypatch):

@@ -30,7 +30,8 @@ def test_backbone_choice():
 def test_patchcore_paper_defaults():
     m = _compose("train", ["data=mvtec"]).method
     assert (m.resize, m.crop, m.coreset_ratio, m.projection_dim, m.num_starts) == (256, 224, 0.1, 128, 10)
-    assert (m.pretrain_embed_dimension, m.target_embed_dimension, m.patch_size, m.num_neighbors) == (1024, 1024, 3, 1)
+    # "auto" resolves to the paper's 1024/1024 for wide_resnet50_2 (tests/models: resolve_embed_dimensions)
+    assert (m.pretrain_embed_dimension, m.target_embed_dimension, m.patch_size, m.num_neighbors) == ("auto", "auto", 3, 1)
     assert (m.blur_sigma, m.paper_reweighting, list(m.backbone.layers)) == (4.0, False, [2, 3])
 
 

@@ -53,8 +53,12 @@ def trained(tmp_path_factory, mvtec_root) -> Path:
 
 def test_train_writes_results_checkpoint_and_overlays(trained):
     res = json.loads((trained / "results.json").read_text())
-    assert set(res) == {"categories", "mean"}
+    assert set(res) == {"categories", "mean", "crop_check"}
     assert list(res["categories"]) == ["bottle", "cable"]
+    # resize 64 = crop 64 on square images: nothing is cut (tests/data/test_crop_check.py cuts)
+    assert {c: (v["partly_outside"], v["wholly_outside"]) for c, v in res["crop_check"].items()} == {
+        "bottle": (0, 0), "cable": (0, 0)}
+    assert all(v["defective"] > 0 and v["mask_pixels_kept"] == 1.0 for v in res["crop_check"].values())
     for metrics in [*res["categories"].values(), res["mean"]]:
         assert set(metrics) == set(METRIC_KEYS)
         assert all(v is None or 0.0 <= v <= 1.0 for v in metrics.values())
