@@ -4,6 +4,13 @@ The method owns these numbers (e.g. PatchCore: shorter side 256, crop 224, the b
 mean/std) and hands a ``Preprocess`` to the datamodule. Masks go through the same geometry with
 nearest-neighbour interpolation, so they stay binary; metrics are computed at this model
 resolution (the centre crop), as in the official PatchCore evaluation.
+
+``resize_backend`` says where the resize happens. ``pil``: on the 8-bit PIL image (Pillow's
+bilinear, which antialiases when shrinking), then the conversion to float; the order of the
+official PatchCore, EfficientAD and UniAD pipelines (torchvision ``Resize`` on the PIL image, then
+``ToTensor``), bit for bit. ``tensor``: conversion to float first, then torchvision's antialiased
+bilinear on the float tensor; the two differ by up to about 1/255 per pixel before normalisation.
+Crop, augmentations and normalisation come after the resize in both cases.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from iad_lightning.errors import ConfigError
+
+RESIZE_BACKENDS = ("pil", "tensor")
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,14 @@ class Preprocess:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     extra: tuple = field(default=(), compare=False)  # method-specific train augmentations (v2)
+    resize_backend: str = "tensor"  # pil | tensor (module docstring); methods pass their official one
+
+    def __post_init__(self) -> None:
+        if self.resize_backend not in RESIZE_BACKENDS:
+            raise ConfigError(
+                f"method.resize_backend='{self.resize_backend}' must be one of {RESIZE_BACKENDS} "
+                f"(pil: resize the 8-bit image as the official code does; tensor: resize the float tensor)"
+            )
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -45,16 +64,22 @@ class PairTransform:
     """Applies a ``Preprocess`` to a PIL image and its boolean mask together."""
 
     def __init__(self, preprocess: Preprocess) -> None:
-        resize = preprocess.resize if isinstance(preprocess.resize, int) else list(preprocess.resize)
-        geometry: list = [v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
+        size = preprocess.resize if isinstance(preprocess.resize, int) else list(preprocess.resize)
+        # On a PIL image v2.Resize calls Pillow's resize (BILINEAR), as torchvision's v1 Resize does;
+        # the mask (a tv_tensors.Mask) is always resized nearest-neighbour.
+        resize = v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        self.pil_resize = resize if preprocess.resize_backend == "pil" else None
+        geometry: list = [] if self.pil_resize is not None else [resize]
         if preprocess.crop is not None:
             geometry.append(v2.CenterCrop(preprocess.crop))
-        self.geometry = v2.Compose([*geometry, *preprocess.extra])
-        self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+        steps = [*geometry, *preprocess.extra]
+        self.geometry = v2.Compose(steps) if steps else v2.Identity()
         self.normalize = v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std))
 
     def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        img = self.to_tensor(image)
         msk = tv_tensors.Mask(torch.from_numpy(mask.astype(np.uint8))[None])
-        img, msk = self.geometry(tv_tensors.Image(img), msk)
+        if self.pil_resize is not None:
+            image, msk = self.pil_resize(image, msk)
+        img = tv_tensors.Image(v2.functional.pil_to_tensor(image).to(torch.float32).div_(255))  # = ToTensor
+        img, msk = self.geometry(img, msk)
         return self.normalize(img).as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).float()

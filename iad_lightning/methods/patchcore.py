@@ -44,6 +44,7 @@ class PatchCore(AnomalyModule):
         search: dict[str, Any] | None = None,
         coreset_device: str = "auto",
         seed: int = 0,
+        resize_backend: str = "pil",
     ) -> None:
         super().__init__()
         if not 0.0 < coreset_ratio <= 1.0:
@@ -67,7 +68,8 @@ class PatchCore(AnomalyModule):
     @property
     def preprocess(self) -> Preprocess:
         fe = self.feature_extractor
-        return Preprocess(resize=self.hparams.resize, crop=self.hparams.crop, mean=fe.mean, std=fe.std)
+        return Preprocess(resize=self.hparams.resize, crop=self.hparams.crop, mean=fe.mean, std=fe.std,
+                          resize_backend=self.hparams.resize_backend)
 
     def configure_optimizers(self) -> None:
         return None  # nothing is trained

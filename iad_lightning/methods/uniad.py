@@ -62,6 +62,7 @@ class UniAD(AnomalyModule):
         cache_features: bool = True,
         cache_device: str = "auto",
         official_checkpoint: str | None = None,
+        resize_backend: str = "pil",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -97,7 +98,8 @@ class UniAD(AnomalyModule):
     def preprocess(self) -> Preprocess:
         fe = self.feature_extractor
         size = self.hparams.image_size
-        return Preprocess(resize=(size, size), crop=None, mean=fe.mean, std=fe.std)  # no aspect kept, no crop
+        return Preprocess(resize=(size, size), crop=None, mean=fe.mean, std=fe.std,  # no aspect kept, no crop
+                          resize_backend=self.hparams.resize_backend)
 
     def configure_data(self, datamodule: Any, world_size: int) -> None:
         """Per-device batch = effective batch / world size unless ``data.batch_size`` is set."""

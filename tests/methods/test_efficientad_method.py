@@ -169,6 +169,7 @@ def test_preprocess_normalises_once_at_exact_size():
     module = EfficientAD(image_size=256)
     pre = module.preprocess
     assert pre.resize == (256, 256) and pre.crop is None
+    assert pre.resize_backend == "pil"  # nelson: transforms.Resize on the PIL image
     assert pre.mean == IMAGENET_MEAN and pre.std == IMAGENET_STD
     assert all(isinstance(layer, (torch.nn.Conv2d, torch.nn.ReLU, torch.nn.AvgPool2d)) for layer in module.model.teacher)
     assert module.export_module() is module.model

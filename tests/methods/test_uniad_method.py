@@ -28,6 +28,7 @@ def test_geometry_from_the_backbone(module):
     assert module.model.in_channels == 192 and module.feature_size == (8, 8)
     pre = module.preprocess
     assert pre.resize == (128, 128) and pre.crop is None
+    assert pre.resize_backend == "pil"  # official TestBaseTransform: Resize on the PIL image
     out = module.eval().predict_batch(torch.randn(2, 3, 128, 128))
     assert out["anomaly_map"].shape == (2, 1, 128, 128) and out["pred_score"].shape == (2,)
     with pytest.raises(ConfigError, match="image_size"):

@@ -32,6 +32,7 @@ def test_patchcore_paper_defaults():
     assert (m.resize, m.crop, m.coreset_ratio, m.projection_dim, m.num_starts) == (256, 224, 0.1, 128, 10)
     assert (m.pretrain_embed_dimension, m.target_embed_dimension, m.patch_size, m.num_neighbors) == (1024, 1024, 3, 1)
     assert (m.blur_sigma, m.paper_reweighting, list(m.backbone.layers)) == (4.0, False, [2, 3])
+    assert m.resize_backend == "pil"  # official: Resize / CenterCrop on the PIL image
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb", "mlflow", "many", "none"])
