@@ -1,7 +1,7 @@
 """Benchmark: our PatchCore vs anomalib's on the shared real data sets.
 
     python bench/patchcore.py [--datasets mvtec_screw kolektorsdd_commutator]
-                              [--coreset-ratio 0.1] [--with-anomalib]
+                              [--coreset-ratio 0.1] [--with-anomalib] [--resize-backend pil tensor]
                               [--data-root ../shared/data] [--out /tmp/patchcore_bench.json]
     python bench/patchcore.py --render A.json [B.json ...]   # tables from saved results
 
@@ -15,7 +15,9 @@ function, ``iad_lightning.metrics.compute_metrics``, on each implementation's ra
 * ours: the Python API: ``AnomalyDataModule(format="mvtec", root=<data-root>, category=<set>)``,
   ``PatchCore(backbone={"name": "tf_efficientnet_lite0", "layers": [2, 3], "weights": "lite0"})``
   with the paper defaults otherwise, a ``lightning.Trainer``; ``trainer.fit`` and
-  ``trainer.test`` are timed separately.
+  ``trainer.test`` are timed separately. ``--resize-backend`` (one or more of ``pil``, the
+  official order and our default, and ``tensor``) runs ours once per value, as columns
+  ``ours pil`` / ``ours tensor``; result files written before the option are ``tensor`` runs.
 * anomalib (``--with-anomalib``): ``bench/_anomalib_patchcore.py`` run by the Python of a
   separate venv (``--anomalib-python``, default ``/work/venvs/anomalib/bin/python``), see
   ``bench/README.md`` for its recipe. Same data folders, backbone, weights, normalisation,
@@ -56,7 +58,8 @@ METRICS = (
 
 
 # ------------------------------------------------------------------------------- worker: ours
-def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int, seed: int) -> dict:
+def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int, seed: int,
+             resize_backend: str = "pil") -> dict:
     """One fit + test of our PatchCore in this (fresh) process; returns the measurements."""
     import warnings
 
@@ -89,6 +92,7 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
         backbone={"name": "tf_efficientnet_lite0", "layers": [2, 3], "weights": "lite0"},
         coreset_ratio=coreset_ratio,
         seed=seed,
+        resize_backend=resize_backend,
     )
     datamodule.preprocess = model.preprocess
     trainer = L.Trainer(
@@ -137,6 +141,7 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
         "feature_reductions": fe.reductions,
         "normalisation": [list(fe.mean), list(fe.std)],
         "preprocess": {"resize": model.hparams.resize, "crop": model.hparams.crop},
+        "resize_backend": resize_backend,
     }
 
 
@@ -180,13 +185,20 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}×" if a is not None and b not in (None, 0) else "–"
 
 
+def column_name(run: dict) -> str:
+    """Column name of a run: ``anomalib``, or ``ours <resize backend>`` (older files: tensor)."""
+    return "anomalib" if run["impl"] == "anomalib" else f"ours {run.get('resize_backend', 'tensor')}"
+
+
 def table(dataset: str, runs: dict[str, dict]) -> str:
-    """Markdown table of one data set: a column per implementation, ratio anomalib/ours."""
-    impls = [i for i in ("ours", "anomalib") if i in runs]
-    both = len(impls) == 2
+    """Markdown table of one data set: a column per run, ratio anomalib / the first ours column."""
+    impls = sorted(runs, key=lambda i: (i == "anomalib", i))
+    both = "anomalib" in runs and len(impls) > 1
+    if both:  # the ratio column compares anomalib with the column right before it
+        impls = [i for i in impls if i != "anomalib"][:1] + ["anomalib"] + [i for i in impls if i != "anomalib"][1:]
     any_r = next(iter(runs.values()))
     head = f"**{dataset}** ({any_r['n_train']} train / {any_r['n_test']} test images, coreset ratio {any_r['coreset_ratio']}, device {any_r['device']})\n\n"
-    cols = ["", *impls] + (["anomalib / ours"] if both else [])
+    cols = ["", *impls] + ([f"anomalib / {impls[0]}"] if both else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
 
     def row(label, key, digits=1, with_ratio=True, src=None):
@@ -212,7 +224,8 @@ def table(dataset: str, runs: dict[str, dict]) -> str:
         own = runs["anomalib"]["anomalib_metrics"]
         for key, label in (("image_AUROC", "anomalib's own image AUROC"), ("pixel_AUROC", "anomalib's own pixel AUROC")):
             if key in own:
-                lines.append("| " + " | ".join([label, *(["–", fmt(own[key])] if both else [fmt(own[key])])] + ([""] if both else [])) + " |")
+                cells = ["–" if i != "anomalib" else fmt(own[key]) for i in impls]
+                lines.append("| " + " | ".join([label, *cells] + ([""] if both else [])) + " |")
     return head + "\n".join(lines)
 
 
@@ -221,7 +234,7 @@ def render(results: list[dict]) -> str:
     for r in results:
         if r["impl"] == "ours":
             r["validation_s"] = None  # ours has no validation pass (older result files said 0.0)
-        by_set.setdefault((r["dataset"], r["coreset_ratio"]), {})[r["impl"]] = r
+        by_set.setdefault((r["dataset"], r["coreset_ratio"]), {})[column_name(r)] = r
     return "\n\n".join(table(ds, runs) for (ds, _), runs in by_set.items())
 
 
@@ -234,6 +247,8 @@ def main() -> None:
     parser.add_argument("--anomalib-python", default=DEFAULT_ANOMALIB_PYTHON)
     parser.add_argument("--skip-ours", action="store_true", help="run anomalib only")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--resize-backend", nargs="+", choices=("pil", "tensor"), default=["pil"],
+                        help="ours: resize the 8-bit PIL image (official, default) and/or the float tensor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file (default /tmp/patchcore_bench_<host>.json)")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only print tables from saved JSON files")
@@ -241,7 +256,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:  # inside the fresh subprocess
-        result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed)
+        result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed,
+                          args.resize_backend[0])
         print(MARK + json.dumps(result), flush=True)
         return
     if args.render:
@@ -273,9 +289,10 @@ def main() -> None:
             r = run_subprocess(cmd, f"anomalib_{dataset}_{args.coreset_ratio}", log_dir, env)
             if r:
                 results.append(r)
-        if not args.skip_ours:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common]
-            r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}", log_dir, env)
+        for backend in [] if args.skip_ours else args.resize_backend:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common,
+                   "--resize-backend", backend]
+            r = run_subprocess(cmd, f"ours_{backend}_{dataset}_{args.coreset_ratio}", log_dir, env)
             if r:
                 results.append(r)
         out.write_text(json.dumps({"host": platform.node(), "python": sys.version.split()[0],
