@@ -14,6 +14,10 @@ Allow-lists shipped here:
   list of EasyDicts). torch's unpickler only fills exact ``dict`` / ``OrderedDict`` objects, so the
   stand-in's constructor returns an ``OrderedDict``: the loaded ``arch`` is nested OrderedDicts
   with the same items (EasyDict's attribute mirror lands in the OrderedDict's ``__dict__``).
+- ``NUMPY_SCALARS``: numpy scalars such as a metric stored next to the weights (ADPretrain's
+  ``{'projectors': state_dict, 'img_auc', 'pix_auc', 'pix_pro'}`` when those are numpy floats):
+  ``numpy.core.multiarray.scalar`` (numpy 1 name) / ``numpy._core.multiarray.scalar`` (numpy 2),
+  ``numpy.dtype`` and the numeric dtype classes (not the object dtype).
 - ``PDN_MODULES``: the torch.nn classes of a whole pickled PDN (``torch.save(teacher)`` in
   nelson1425/EfficientAD: ``teacher_final.pth``, ``teacher_*_final.pth``): Sequential, Conv2d,
   ReLU, AvgPool2d. Their ``__setstate__`` only restores attributes; no code of the file runs.
@@ -25,8 +29,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import scalar as _np_scalar
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import scalar as _np_scalar
 
 from iad_lightning.errors import WeightsError
 
@@ -42,6 +52,12 @@ class EasyDictStandIn:
 
 
 EASYDICT: tuple[SafeGlobal, ...] = ((EasyDictStandIn, "easydict.EasyDict"),)
+NUMPY_SCALARS: tuple[SafeGlobal, ...] = (
+    (_np_scalar, "numpy.core.multiarray.scalar"),
+    (_np_scalar, "numpy._core.multiarray.scalar"),
+    np.dtype,
+    *(type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFD"),  # bool, ints, floats, complex; no object
+)
 PDN_MODULES: tuple[SafeGlobal, ...] = (nn.Sequential, nn.Conv2d, nn.ReLU, nn.AvgPool2d)
 
 
