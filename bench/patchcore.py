@@ -1,7 +1,7 @@
 """Benchmark: our PatchCore vs anomalib's on the shared real data sets.
 
     python bench/patchcore.py [--datasets mvtec_screw kolektorsdd_commutator]
-                              [--coreset-ratio 0.1] [--with-anomalib]
+                              [--coreset-ratio 0.1] [--with-anomalib] [--resize-backend pil tensor]
                               [--data-root ../shared/data] [--out /tmp/patchcore_bench.json]
     python bench/patchcore.py --render A.json [B.json ...]   # tables from saved results
 
@@ -15,7 +15,10 @@ function, ``iad_lightning.metrics.compute_metrics``, on each implementation's ra
 * ours: the Python API: ``AnomalyDataModule(format="mvtec", root=<data-root>, category=<set>)``,
   ``PatchCore(backbone={"name": "tf_efficientnet_lite0", "layers": [2, 3], "weights": "lite0"})``
   with the paper defaults otherwise, a ``lightning.Trainer``; ``trainer.fit`` and
-  ``trainer.test`` are timed separately.
+  ``trainer.test`` are timed separately. ``--resize-backend`` (one or more of ``pil``, the
+  official order and our default, and ``tensor``) runs ours once per value and per ``--dims``
+  entry; columns are labelled ``ours <dims> <backend>``; result files written before the option
+  are ``tensor`` runs.
 * anomalib (``--with-anomalib``): ``bench/_anomalib_patchcore.py`` run by the Python of a
   separate venv (``--anomalib-python``, default ``/work/venvs/anomalib/bin/python``), see
   ``bench/README.md`` for its recipe. Same data folders, backbone, weights, normalisation,
@@ -69,7 +72,7 @@ def parse_dims(spec: str) -> tuple:
 
 
 def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int, seed: int,
-             dims: str = "auto/auto", search: dict | None = None) -> dict:
+             dims: str = "auto/auto", search: dict | None = None, resize_backend: str = "pil") -> dict:
     """One fit + test of our PatchCore in this (fresh) process; returns the measurements."""
     import warnings
 
@@ -106,6 +109,7 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
         pretrain_embed_dimension=pretrain,
         target_embed_dimension=target,
         search=search,
+        resize_backend=resize_backend,
     )
     datamodule.preprocess = model.preprocess
     trainer = L.Trainer(
@@ -133,8 +137,9 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
     fe = model.feature_extractor
     return {
         "impl": "ours",
-        "label": f"ours {dims}" + (f" {json.dumps(search, separators=(',', ':'))}" if search else ""),
+        "label": f"ours {dims} {resize_backend}" + (f" {json.dumps(search, separators=(',', ':'))}" if search else ""),
         "dims": dims,
+        "resize_backend": resize_backend,
         "embed_dims": [model.model.embedding.pretrain_embed_dimension, model.model.embedding.target_embed_dimension],
         "search": search,
         "dataset": dataset,
@@ -282,6 +287,8 @@ def main() -> None:
                              "layer) or auto|channels|unfolded; TARGET an int or auto (default auto/auto)")
     parser.add_argument("--search", default=None, metavar="JSON",
                         help="method.search options of ours as JSON, e.g. '{\"num_threads\": 1}'")
+    parser.add_argument("--resize-backend", nargs="+", choices=("pil", "tensor"), default=["pil"],
+                        help="ours: resize the 8-bit PIL image (official, default) and/or the float tensor")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file (default /tmp/patchcore_bench_<host>.json)")
@@ -293,7 +300,7 @@ def main() -> None:
     if args.worker:  # inside the fresh subprocess
         search = json.loads(args.search) if args.search else None
         result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed,
-                          args.worker_dims, search)
+                          args.worker_dims, search, args.resize_backend[0])
         print(MARK + json.dumps(result), flush=True)
         return
     if args.render:
@@ -326,11 +333,12 @@ def main() -> None:
             r = run_subprocess(cmd, f"anomalib_{dataset}_{args.coreset_ratio}", log_dir, env)
             if r:
                 results.append(r)
-        for dims in ([] if args.skip_ours else args.dims):
+        runs = [] if args.skip_ours else [(d, b) for d in args.dims for b in args.resize_backend]
+        for dims, backend in runs:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common,
-                   "--_worker-dims", dims] + (["--search", args.search] if args.search else [])
-            r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}_{dims.replace('/', '-').replace(',', '_')}",
-                               log_dir, env)
+                   "--_worker-dims", dims, "--resize-backend", backend] + (["--search", args.search] if args.search else [])
+            tag = dims.replace('/', '-').replace(',', '_')
+            r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}_{tag}_{backend}", log_dir, env)
             if r:
                 results.append(r)
         out.write_text(json.dumps({"host": platform.node(), "python": sys.version.split()[0],

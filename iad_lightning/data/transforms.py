@@ -5,6 +5,13 @@ mean/std) and hands a ``Preprocess`` to the datamodule. Masks go through the sam
 nearest-neighbour interpolation, so they stay binary; metrics are computed at this model
 resolution (the centre crop), as in the official PatchCore evaluation.
 
+``resize_backend`` says where the resize happens. ``pil``: on the 8-bit PIL image (Pillow's
+bilinear, which antialiases when shrinking), then the conversion to float; the order of the
+official PatchCore, EfficientAD and UniAD pipelines (torchvision ``Resize`` on the PIL image, then
+``ToTensor``), bit for bit. ``tensor``: conversion to float first, then torchvision's antialiased
+bilinear on the float tensor; the two differ by up to about 1/255 per pixel before normalisation.
+Crop, augmentations and normalisation come after the resize in both cases.
+
 Crop safety: ``PairTransform.apply`` also returns the fraction of the mask's pixels (counted at
 the resize resolution) that the centre crop keeps, so that every test run can count defects the
 crop cuts off (``iad_lightning.data.crop_check``). ``without_crop`` is the no-crop geometry
@@ -21,6 +28,10 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from iad_lightning.errors import ConfigError
+
+RESIZE_BACKENDS = ("pil", "tensor")
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -36,6 +47,14 @@ class Preprocess:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     extra: tuple = field(default=(), compare=False)  # method-specific train augmentations (v2)
+    resize_backend: str = "tensor"  # pil | tensor (module docstring); methods pass their official one
+
+    def __post_init__(self) -> None:
+        if self.resize_backend not in RESIZE_BACKENDS:
+            raise ConfigError(
+                f"method.resize_backend='{self.resize_backend}' must be one of {RESIZE_BACKENDS} "
+                f"(pil: resize the 8-bit image as the official code does; tensor: resize the float tensor)"
+            )
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -61,11 +80,14 @@ class PairTransform:
     """Applies a ``Preprocess`` to a PIL image and its boolean mask together."""
 
     def __init__(self, preprocess: Preprocess) -> None:
-        resize = preprocess.resize if isinstance(preprocess.resize, int) else list(preprocess.resize)
-        self.resize = v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        size = preprocess.resize if isinstance(preprocess.resize, int) else list(preprocess.resize)
+        # On a PIL image v2.Resize calls Pillow's resize (BILINEAR), as torchvision's v1 Resize does;
+        # the mask (a tv_tensors.Mask) is always resized nearest-neighbour.
+        resize = v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        self.pil_resize = resize if preprocess.resize_backend == "pil" else None
+        self.tensor_resize = None if self.pil_resize is not None else resize
         self.crop = v2.CenterCrop(preprocess.crop) if preprocess.crop is not None else None
         self.extra = v2.Compose(list(preprocess.extra)) if preprocess.extra else None
-        self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
         self.normalize = v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std))
 
     def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,9 +97,12 @@ class PairTransform:
     def apply(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(image, mask, kept): ``kept`` is the fraction of the mask's pixels at the resize
         resolution that survive the centre crop (1.0 without a crop or without mask pixels)."""
-        img = self.to_tensor(image)
         msk = tv_tensors.Mask(torch.from_numpy(mask.astype(np.uint8))[None])
-        img, msk = self.resize(tv_tensors.Image(img), msk)
+        if self.pil_resize is not None:
+            image, msk = self.pil_resize(image, msk)
+        img = tv_tensors.Image(v2.functional.pil_to_tensor(image).to(torch.float32).div_(255))  # = ToTensor
+        if self.tensor_resize is not None:
+            img, msk = self.tensor_resize(img, msk)
         kept = 1.0
         if self.crop is not None:
             total = int(msk.sum())

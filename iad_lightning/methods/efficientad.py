@@ -72,12 +72,13 @@ class PenaltyImages(Dataset):
     """Natural images for the penalty loss: Resize(2S x 2S), RandomGrayscale(0.3), CenterCrop(S),
     ImageNet normalisation (spec §1: 512 / 256 at S = 256)."""
 
-    def __init__(self, root: str | Path, image_size: int, grayscale_p: float = 0.3) -> None:
+    def __init__(self, root: str | Path, image_size: int, grayscale_p: float = 0.3, resize_backend: str = "pil") -> None:
         self.files = find_images(root)
+        resize = v2.Resize((2 * image_size, 2 * image_size), antialias=True)
+        to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        # pil: Pillow resizes the 8-bit image first, as nelson's transforms.Resize on the PIL image
         self.transform = v2.Compose([
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Resize((2 * image_size, 2 * image_size), antialias=True),
+            *([resize, *to_float] if resize_backend == "pil" else [*to_float, resize]),
             v2.RandomGrayscale(p=grayscale_p),
             v2.CenterCrop(image_size),
             v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
@@ -122,6 +123,7 @@ class EfficientAD(AnomalyModule):
         penalty_grayscale: float = 0.3,
         penalty_workers: int = 0,
         stats_batch_size: int = 16,
+        resize_backend: str = "pil",
         backbone: dict[str, Any] | None = None,  # unused: the global backbone group writes it
     ) -> None:
         super().__init__()
@@ -139,7 +141,8 @@ class EfficientAD(AnomalyModule):
     @property
     def preprocess(self) -> Preprocess:
         s = self.hparams.image_size  # exact S x S, aspect ignored (spec §1)
-        return Preprocess(resize=(s, s), crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return Preprocess(resize=(s, s), crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                          resize_backend=self.hparams.resize_backend)
 
     def export_module(self) -> torch.nn.Module:
         return self.model
@@ -192,7 +195,8 @@ class EfficientAD(AnomalyModule):
     def on_train_start(self) -> None:
         self.fit_teacher_statistics(self._loader("train"))
         if self.hparams.penalty_dir:
-            ds = PenaltyImages(self.hparams.penalty_dir, self.hparams.image_size, self.hparams.penalty_grayscale)
+            ds = PenaltyImages(self.hparams.penalty_dir, self.hparams.image_size, self.hparams.penalty_grayscale,
+                               self.hparams.resize_backend)
             loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=self.hparams.penalty_workers,
                                 persistent_workers=self.hparams.penalty_workers > 0)
             self._penalty = infinite(loader)

@@ -59,6 +59,7 @@ class PatchCore(AnomalyModule):
         search: dict[str, Any] | None = None,
         coreset_device: str = "auto",
         seed: int = 0,
+        resize_backend: str = "pil",
     ) -> None:
         super().__init__()
         if not 0.0 < coreset_ratio <= 1.0:
@@ -89,7 +90,8 @@ class PatchCore(AnomalyModule):
         resize = self.hparams.resize
         if self.hparams.crop is None:  # method.crop: null: the whole image, resized to a square (r, r)
             resize = (resize, resize) if isinstance(resize, int) else tuple(resize)
-        return Preprocess(resize=resize, crop=self.hparams.crop, mean=fe.mean, std=fe.std)
+        return Preprocess(resize=resize, crop=self.hparams.crop, mean=fe.mean, std=fe.std,
+                          resize_backend=self.hparams.resize_backend)
 
     def configure_optimizers(self) -> None:
         return None  # nothing is trained

@@ -1,7 +1,7 @@
 """UniAD (You et al., NeurIPS 2022) as a LightningModule: one model for all categories.
 
 The maths live in ``models/uniad.py``; here: the frozen backbone, the train feature cache, the
-loss, AdamW + StepLR, and the effective batch split over devices. Spec: ``specs/uniad.md``.
+loss, AdamW + the official step schedule (``official_step_factor``), and the effective batch split over devices. Spec: ``specs/uniad.md``.
 
 Feature cache (``cache_features``, default on). The backbone is frozen and UniAD trains without
 augmentation, so an image's aligned features (C x 14 x 14, 213 KB in fp32 for C = 272) are the
@@ -14,6 +14,7 @@ each epoch (the datamodule owns it); only the backbone pass is saved.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -61,6 +62,7 @@ class UniAD(AnomalyModule):
         cache_features: bool = True,
         cache_device: str = "auto",
         official_checkpoint: str | None = None,
+        resize_backend: str = "pil",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -96,7 +98,8 @@ class UniAD(AnomalyModule):
     def preprocess(self) -> Preprocess:
         fe = self.feature_extractor
         size = self.hparams.image_size
-        return Preprocess(resize=(size, size), crop=None, mean=fe.mean, std=fe.std)  # no aspect kept, no crop
+        return Preprocess(resize=(size, size), crop=None, mean=fe.mean, std=fe.std,  # no aspect kept, no crop
+                          resize_backend=self.hparams.resize_backend)
 
     def configure_data(self, datamodule: Any, world_size: int) -> None:
         """Per-device batch = effective batch / world size unless ``data.batch_size`` is set."""
@@ -150,7 +153,8 @@ class UniAD(AnomalyModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=hp.lr_step_epochs, gamma=hp.lr_gamma)
+        factor = partial(official_step_factor, step_size=hp.lr_step_epochs, gamma=hp.lr_gamma)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch", "frequency": 1}}
 
     # -- predict ---------------------------------------------------------------------------------
@@ -163,3 +167,11 @@ class UniAD(AnomalyModule):
 
     def export_module(self) -> torch.nn.Module:
         return UniADInference(self.feature_extractor, self.model, self.hparams.score_kernel)
+
+
+def official_step_factor(epoch: int, step_size: int, gamma: float) -> float:
+    """LR factor of (0-based) epoch ``epoch`` as in tools/train_val.py, which calls
+    ``lr_scheduler.step(epoch)`` after training epoch ``epoch``: StepLR's closed form with
+    last_epoch = epoch - 1 is in force during epoch ``epoch``. So epoch 800 still trains at the base
+    LR and 801 is the first at x0.1, one epoch later than a StepLR stepped plainly after each epoch."""
+    return gamma ** (max(epoch - 1, 0) // step_size)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iad_lightning.errors import WeightsError
+from iad_lightning.safe_load import PDN_MODULES, safe_torch_load
 
 __all__ = [
     "PDN",
@@ -250,24 +251,21 @@ def anomalib_key_map(model_size: str) -> dict[str, str]:
 def load_teacher_weights(path: str | Path, model_size: str, out_channels: int = 384) -> dict[str, Tensor]:
     """A state dict for ``PDN(model_size, out_channels)`` from a teacher file.
 
-    Accepted layouts (always loaded with ``torch.load(weights_only=True)``):
+    Accepted layouts (always loaded with ``torch.load(weights_only=True)``, ``safe_load``):
     - our ``method=efficientad_teacher`` output and nelson1425/EfficientAD ``teacher_*.pth``:
       ``nn.Sequential`` keys ``0.weight``, ``3.weight``, ...;
+    - a whole pickled PDN (nelson's ``torch.save(teacher)``: ``teacher_final.pth``,
+      ``teacher_*_final.pth``), when it is made of plain torch.nn Sequential / Conv2d / ReLU /
+      AvgPool2d only; its state dict is used;
     - anomalib's ``pretrained_teacher_*.pth``: ``conv1.weight`` ... ``conv4.weight`` (S) /
       ``conv6.weight`` (M), mapped here to the Sequential indices;
     - either wrapped in ``{"state_dict": ...}`` or with a ``module.`` / ``teacher.`` prefix.
     Raises ``WeightsError`` naming the file and what was expected otherwise.
     """
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise WeightsError(f"teacher weights file '{p}' does not exist")
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled modules, corrupt files, ...
-        raise WeightsError(
-            f"teacher weights file '{p}' could not be loaded as a plain state dict with "
-            f"torch.load(weights_only=True) ({type(e).__name__}: {e})"
-        ) from e
+    raw = safe_torch_load(p, extra_globals=PDN_MODULES, what="teacher weights file")
+    if isinstance(raw, nn.Module):  # nelson's torch.save(teacher): only torch.nn PDN layers allowed
+        raw = raw.state_dict()
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(v, Tensor) for v in raw.values()):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iad_lightning.errors import WeightsError
+from iad_lightning.safe_load import EASYDICT, safe_torch_load
 
 
 # ------------------------------------------------------------------------------- neck and maths
@@ -365,16 +366,15 @@ def official_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
 
 
 def load_official_checkpoint(model: UniADModel, path: str | Path) -> list[str]:
-    """Load the published ``ckpt.pth.tar`` (``{'state_dict': ...}``) into ``model`` safely
-    (``weights_only=True``), strictly: every transformer tensor must be present and fit.
+    """Load the published ``ckpt.pth.tar`` (``{'epoch', 'arch', 'state_dict', 'best_metric',
+    'optimizer'}``) into ``model`` safely (``safe_load.safe_torch_load``: ``weights_only=True``
+    with ``easydict.EasyDict`` mapped to a stand-in), strictly: every transformer tensor must be present and fit.
     Returns the ignored (backbone) keys; the backbone stays the configured timm one."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"method.official_checkpoint='{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(f"could not read official UniAD checkpoint '{path}': {err}") from err
+    # The file also pickles "arch": config.net as easydict.EasyDict objects: a stand-in reads them.
+    ckpt = safe_torch_load(path, extra_globals=EASYDICT, what="official UniAD checkpoint")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"'{path}' holds no state dict")

@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
+from torchvision import transforms as T
 
 from iad_lightning.checkpoint import _offline_backbones
 from iad_lightning.errors import ConfigError
@@ -163,12 +164,23 @@ def test_penalty_images_size_and_grayscale(tmp_path):
     torch.testing.assert_close(raw[0], raw[1], atol=1e-5, rtol=0)  # grey: equal channels
 
 
+def test_penalty_images_resize_the_8bit_image_as_nelson(tmp_path):
+    # nelson: Resize((2S, 2S)) on the PIL image, RandomGrayscale, CenterCrop(S), ToTensor, Normalize
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "0.png")
+    official = T.Compose([T.Resize((64, 64)), T.CenterCrop(32), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    expected = official(Image.open(tmp_path / "0.png").convert("RGB"))
+    torch.testing.assert_close(PenaltyImages(tmp_path, 32, grayscale_p=0.0)[0], expected, atol=1e-6, rtol=0)
+    tensor_path = PenaltyImages(tmp_path, 32, grayscale_p=0.0, resize_backend="tensor")[0]
+    assert (tensor_path - expected).abs().max() > 1e-4  # the float-tensor resize is not the official one
+
+
 def test_preprocess_normalises_once_at_exact_size():
     """§1 / §8.3: resize to exactly S x S (aspect ignored), ImageNet normalisation in the transform
     only; the PDN itself has no normalisation layer (nelson's layout, unlike anomalib's)."""
     module = EfficientAD(image_size=256)
     pre = module.preprocess
     assert pre.resize == (256, 256) and pre.crop is None
+    assert pre.resize_backend == "pil"  # nelson: transforms.Resize on the PIL image
     assert pre.mean == IMAGENET_MEAN and pre.std == IMAGENET_STD
     assert all(isinstance(layer, (torch.nn.Conv2d, torch.nn.ReLU, torch.nn.AvgPool2d)) for layer in module.model.teacher)
     assert module.export_module() is module.model

@@ -1,5 +1,6 @@
 """UniAD LightningModule: batch split, feature cache, optimiser and schedule, config, checkpoints."""
 
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +28,7 @@ def test_geometry_from_the_backbone(module):
     assert module.model.in_channels == 192 and module.feature_size == (8, 8)
     pre = module.preprocess
     assert pre.resize == (128, 128) and pre.crop is None
+    assert pre.resize_backend == "pil"  # official TestBaseTransform: Resize on the PIL image
     out = module.eval().predict_batch(torch.randn(2, 3, 128, 128))
     assert out["anomaly_map"].shape == (2, 1, 128, 128) and out["pred_score"].shape == (2,)
     with pytest.raises(ConfigError, match="image_size"):
@@ -85,9 +87,32 @@ def test_optimiser_and_schedule_per_spec(module):
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert trained == {id(p) for p in module.model.parameters()}  # the backbone is not optimised
     assert not any(p.requires_grad for p in module.feature_extractor.parameters())
-    s = sched["scheduler"]
-    assert isinstance(s, torch.optim.lr_scheduler.StepLR) and sched["interval"] == "epoch"
-    assert (s.step_size, s.gamma) == (800, 0.1)
+    assert sched["interval"] == "epoch" and sched["frequency"] == 1
+
+
+def _lrs(opt, step, epochs):
+    """LR in force during each 0-based epoch when ``step(epoch)`` runs after the epoch."""
+    out = []
+    with warnings.catch_warnings():  # no optimiser step in between (only the LR matters here);
+        warnings.simplefilter("ignore", UserWarning)  # step(epoch) is deprecated, still the official call
+        for epoch in range(epochs):
+            out.append(opt.param_groups[0]["lr"])
+            step(epoch)
+    return out
+
+
+def test_lr_schedule_is_the_official_step_epoch_loop(module):
+    # tools/train_val.py: for epoch in range(max_epoch): train_one_epoch(...); lr_scheduler.step(epoch)
+    # with StepLR(step_size=800, gamma=0.1). Lightning steps ours once after each epoch.
+    ours = module.configure_optimizers()
+    sched = ours["lr_scheduler"]["scheduler"]
+    got = _lrs(ours["optimizer"], lambda epoch: sched.step(), 1000)
+    official_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    official = torch.optim.lr_scheduler.StepLR(official_opt, step_size=800, gamma=0.1)
+    expected = _lrs(official_opt, official.step, 1000)
+    assert got == pytest.approx(expected, rel=1e-12, abs=0)
+    assert got[800] == pytest.approx(1e-4) and got[801] == pytest.approx(1e-5)  # not at 800
+    assert got.index(got[-1]) == 801
 
 
 def test_paper_config_composes():

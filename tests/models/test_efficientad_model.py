@@ -171,6 +171,18 @@ def test_load_teacher_nelson_and_ours_sequential_layout(tmp_path, size):
     PDN(size, 384).load_state_dict(loaded)  # loads into the unpadded PDN as well
 
 
+def test_load_teacher_whole_pickled_nelson_module(tmp_path, size="small"):
+    # nelson's torch.save(teacher): a plain nn.Sequential of Conv2d / ReLU / AvgPool2d, read through
+    # the safe unpickler with only those torch.nn classes allowed.
+    state = _pdn_state(size)
+    nelson = torch.nn.Sequential(*PDN(size, 384, padding=True))
+    nelson.load_state_dict(state)
+    path = tmp_path / "teacher_final.pth"
+    torch.save(nelson, path)
+    loaded = load_teacher_weights(path, size)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
 @pytest.mark.parametrize("size, n_convs", [("small", 4), ("medium", 6)])
 def test_load_teacher_anomalib_layout(tmp_path, size, n_convs):
     state = _pdn_state(size)
@@ -193,8 +205,8 @@ def test_load_teacher_errors_name_the_file(tmp_path):
     with pytest.raises(WeightsError, match="odd.pth"):
         load_teacher_weights(odd, "small")
     pickled = tmp_path / "module.pth"
-    torch.save(PDN("small"), pickled)  # a whole pickled module: refused by weights_only=True
-    with pytest.raises(WeightsError, match="module.pth.*weights_only"):
+    torch.save(PDN("small"), pickled)  # a pickled module of a class not on the allow-list: refused
+    with pytest.raises(WeightsError, match="module.pth.*weights_only.*iad_lightning.models.efficientad.PDN"):
         load_teacher_weights(pickled, "small")
     with pytest.raises(WeightsError, match="missing.pth"):
         load_teacher_weights(tmp_path / "missing.pth", "small")

@@ -1,6 +1,8 @@
 """UniAD maths against the spec's test vectors (specs/uniad.md §11) and the official layout."""
 
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from iad_lightning.models.uniad import (
     neighbor_mask,
     official_to_ours,
 )
+from iad_lightning.safe_load import EASYDICT, safe_torch_load
 
 
 def _loop_mask(h, w, hm, wm):
@@ -240,10 +243,41 @@ def _official_forward(sd, feature_align):
     return rec.permute(1, 2, 0).reshape(b, c, h, wd)
 
 
-def test_official_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path):
+def _official_checkpoint_file(path, sd, monkeypatch):
+    """Write ``path`` as tools/train_val.py does: {"epoch", "arch": config.net, "state_dict",
+    "best_metric", "optimizer"}, with config = EasyDict(yaml), so "arch" is a list of nested
+    easydict.EasyDict objects; then make ``easydict`` unimportable, as on our installs."""
+    fake = _fake_easydict_module()
+    monkeypatch.setitem(sys.modules, "easydict", fake)
+    config = fake.EasyDict({"net": [
+        {"name": "backbone", "type": "models.backbones.efficientnet_b4", "frozen": True,
+         "kwargs": {"pretrained": True, "outlayers": [1, 2, 3, 4]}},
+        {"name": "neck", "prev": "backbone", "type": "models.necks.MFCN", "kwargs": {"outstrides": [16]}},
+        {"name": "reconstruction", "prev": "neck", "type": "models.reconstructions.UniAD",
+         "kwargs": {"hidden_dim": 256, "feature_jitter": {"scale": 20.0, "prob": 1.0},
+                    "neighbor_mask": {"neighbor_size": [7, 7], "mask": [True, True, True]}}},
+    ]})
+    assert type(config.net[2].kwargs.neighbor_mask) is fake.EasyDict
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([param], lr=1e-4, weight_decay=1e-4)
+    param.grad = torch.ones(3)
+    opt.step()
+    torch.save({"epoch": 1000, "arch": config.net, "state_dict": sd, "best_metric": 0.97,
+                "optimizer": opt.state_dict()}, path)
+    monkeypatch.setitem(sys.modules, "easydict", None)  # from here on `import easydict` fails
+    with pytest.raises(ImportError):
+        import easydict  # noqa: F401
+
+
+def test_official_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path, monkeypatch):
     sd = _official_state_dict()
     path = tmp_path / "ckpt.pth.tar"
-    torch.save({"epoch": 1000, "arch": "uniad", "state_dict": sd, "best_metric": 0.97}, path)
+    _official_checkpoint_file(path, sd, monkeypatch)
+    with pytest.raises(WeightsError, match="GLOBAL easydict.EasyDict"):
+        safe_torch_load(path)  # without the stand-in the safe unpickler refuses the published layout
+    arch = safe_torch_load(path, extra_globals=EASYDICT)["arch"]  # the stand-in: nested OrderedDicts
+    assert [m["name"] for m in arch] == ["backbone", "neck", "reconstruction"]
+    assert arch[2]["kwargs"]["neighbor_mask"] == {"neighbor_size": [7, 7], "mask": [True, True, True]}
     model = _small_model()
     ignored = load_official_checkpoint(model, path)  # strict: no missing / unexpected keys
     assert sorted(ignored) == ["module.backbone._bn0.weight", "module.backbone._conv_stem.weight"]
@@ -257,6 +291,32 @@ def test_official_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path):
     x = torch.randn(2, 272, 14, 14)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _official_forward(sd, x), rtol=1e-5, atol=1e-5)
+
+
+def _fake_easydict_module():
+    """A module named ``easydict`` whose EasyDict behaves like the real one where pickling sees it:
+    a dict subclass that mirrors items as attributes and converts nested dicts / lists of dicts."""
+    mod = types.ModuleType("easydict")
+
+    class EasyDict(dict):
+        def __init__(self, d=None, **kw):
+            super().__init__()
+            for k, v in {**(d or {}), **kw}.items():
+                setattr(self, k, v)
+
+        def __setattr__(self, name, value):
+            if isinstance(value, (list, tuple)):
+                value = [EasyDict(x) if isinstance(x, dict) else x for x in value]
+            elif isinstance(value, dict) and not isinstance(value, EasyDict):
+                value = EasyDict(value)
+            super().__setattr__(name, value)
+            super().__setitem__(name, value)
+
+        __setitem__ = __setattr__
+
+    EasyDict.__module__, EasyDict.__qualname__ = "easydict", "EasyDict"
+    mod.EasyDict = EasyDict
+    return mod
 
 
 def test_official_checkpoint_errors_name_the_problem(tmp_path):

@@ -33,6 +33,7 @@ def test_patchcore_paper_defaults():
     # "auto" resolves to the paper's 1024/1024 for wide_resnet50_2 (tests/models: resolve_embed_dimensions)
     assert (m.pretrain_embed_dimension, m.target_embed_dimension, m.patch_size, m.num_neighbors) == ("auto", "auto", 3, 1)
     assert (m.blur_sigma, m.paper_reweighting, list(m.backbone.layers)) == (4.0, False, [2, 3])
+    assert m.resize_backend == "pil"  # official: Resize / CenterCrop on the PIL image
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb", "mlflow", "many", "none"])
