@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from iad_lightning.errors import ConfigError
 
 CONFIG_KEY = "iad_method_config"
+CALIBRATION_KEY = "iad_calibration"  # calibration details (plain types); the thresholds are buffers
 
 # Files a method reads only while fitting (their tensors are in the checkpoint): nulled on reload,
 # so test.py needs neither the file nor its path (EfficientAD's teacher and penalty images,
@@ -46,5 +47,6 @@ def load_method(ckpt_path: str | Path) -> torch.nn.Module:
     cfg = _offline_backbones(copy.deepcopy(ckpt[CONFIG_KEY]))
     model = instantiate(cfg)
     model.method_config = ckpt[CONFIG_KEY]
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(ckpt["state_dict"])  # thresholds included (NaN in older checkpoints)
+    model.calibration_info = ckpt.get(CALIBRATION_KEY)
     return model

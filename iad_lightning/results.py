@@ -19,6 +19,11 @@ SHORT_NAMES = {
     "pixel_ap": "P-AP",
     "pixel_f1max": "P-F1max",
     "pixel_aupro": "AUPRO",
+    "image_precision": "I-Prec",
+    "image_recall": "I-Rec",
+    "image_f1": "I-F1",
+    "image_fpr": "I-FPR",
+    "pixel_iou": "P-IoU",
 }
 
 
@@ -57,12 +62,25 @@ def markdown_table(results: dict[str, Any], keys: tuple[str, ...] = METRIC_KEYS)
     return "\n".join(lines) + "\n"
 
 
+def calibrated_table(results: dict[str, Any]) -> str:
+    """The metrics at the calibrated thresholds (``results["calibrated"]``) as a markdown table."""
+    from iad_lightning.calibration import CALIBRATED_KEYS
+
+    return markdown_table(results["calibrated"], CALIBRATED_KEYS)
+
+
 def write_results(results: dict[str, Any], out_dir: str | Path) -> None:
-    """Write results.json (exact shape: categories/mean) and results.md into ``out_dir``."""
+    """Write results.json and results.md into ``out_dir``: ``categories`` / ``mean`` (the
+    threshold-free metrics, exact shape) and, when present, ``calibrated`` (thresholds and the
+    metrics at them, see ``iad_lightning.calibration``)."""
     out = Path(out_dir)
     clean = {
         "categories": {c: {k: m.get(k) for k in METRIC_KEYS} for c, m in results["categories"].items()},
         "mean": {k: results["mean"].get(k) for k in METRIC_KEYS},
     }
+    md = markdown_table(clean)
+    if results.get("calibrated"):
+        clean["calibrated"] = results["calibrated"]
+        md += "\nAt the calibrated thresholds (held-out normal images):\n\n" + calibrated_table(results)
     atomic_write(out / "results.json", json.dumps(clean, indent=2) + "\n")
-    atomic_write(out / "results.md", markdown_table(clean))
+    atomic_write(out / "results.md", md)

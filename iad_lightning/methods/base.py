@@ -4,6 +4,10 @@ A method implements ``preprocess`` (its input geometry) and ``predict_batch`` (p
 anomaly map and an image score). The base module collects test predictions on the CPU, gathers
 them from all ranks, drops the duplicates a distributed sampler pads with, and computes metrics
 per category with ``iad_lightning.metrics``. No method computes its own metrics.
+
+Every method also carries the decision thresholds calibrated after fitting on held-out normal
+images (``iad_lightning.calibration``): buffers ``image_threshold``, ``pixel_threshold`` and the
+widths of the normalised score, NaN until calibrated; the test path adds the metrics at them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iad_lightning.calibration import CALIBRATION_KEY, THRESHOLD_BUFFERS, calibrated_results
 from iad_lightning.checkpoint import CONFIG_KEY
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.distributed import gather_objects
@@ -30,6 +35,10 @@ class AnomalyModule(L.LightningModule):
         super().__init__()
         self.results: dict[str, Any] | None = None
         self._test_outputs: list[dict[str, np.ndarray]] = []
+        self.calibration_info: dict[str, Any] | None = None
+        for name in THRESHOLD_BUFFERS:  # NaN = not calibrated; set by calibration.ThresholdCalibration
+            self.register_buffer(name, torch.tensor(float("nan")))
+        self._register_load_state_dict_pre_hook(_fill_missing_thresholds, with_module=True)
 
     # -- what a method provides -------------------------------------------------------------
     @property
@@ -67,6 +76,10 @@ class AnomalyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the resolved method config (plain types) lets test.py rebuild the module safely
         checkpoint[CONFIG_KEY] = getattr(self, "method_config", None)
+        checkpoint[CALIBRATION_KEY] = self.calibration_info
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.calibration_info = checkpoint.get(CALIBRATION_KEY)
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []
@@ -97,6 +110,21 @@ class AnomalyModule(L.LightningModule):
         for key, value in self.results["mean"].items():
             if value is not None:
                 self.log(f"test/mean/{key}", value, rank_zero_only=True, sync_dist=False)
+        self._add_calibrated_results(merged)
+
+    def _add_calibrated_results(self, merged: dict[str, np.ndarray]) -> None:
+        """results["calibrated"]: precision / recall / F1 / false-alarm rate / pixel IoU at the
+        calibrated thresholds, per category and mean (null entries when not calibrated)."""
+        self.results["calibrated"] = calibrated_results(merged, list(self.results["categories"]), self)
+        for key, value in self.results["calibrated"]["mean"].items():
+            if value is not None:
+                self.log(f"test/calibrated/{key}", value, rank_zero_only=True, sync_dist=False)
+
+
+def _fill_missing_thresholds(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before calibration existed load as 'not calibrated' (NaN)."""
+    for name in THRESHOLD_BUFFERS:
+        state_dict.setdefault(prefix + name, torch.tensor(float("nan")))
 
 
 def gather_predictions(outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

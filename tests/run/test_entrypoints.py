@@ -52,7 +52,7 @@ def trained(tmp_path_factory, mvtec_root) -> Path:
 
 def test_train_writes_results_checkpoint_and_overlays(trained):
     res = json.loads((trained / "results.json").read_text())
-    assert set(res) == {"categories", "mean"}
+    assert set(res) == {"categories", "mean", "calibrated"}  # calibrated: metrics at the thresholds
     assert list(res["categories"]) == ["bottle", "cable"]
     for metrics in [*res["categories"].values(), res["mean"]]:
         assert set(metrics) == set(METRIC_KEYS)
