@@ -1,6 +1,7 @@
 """Decision thresholds calibrated on held-out NORMAL training images, never on test data.
 
-After a method is fitted, ``ThresholdCalibration`` (added by ``train.py`` for every method) runs
+After a method is fitted, ``callbacks.calibration.ThresholdCalibration`` (added by ``train.py`` for
+every method) runs
 the method on the held-out normal images of the datamodule's validation split (``data.val_fraction``
 of each category's train good images; ``threshold.holdout_fraction`` when that is 0) and sets:
 
@@ -26,22 +27,21 @@ with the pixel threshold normalises anomaly maps.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Subset
 
-from iad_lightning.checkpoint import CALIBRATION_KEY  # noqa: F401  (re-exported)
 from iad_lightning.distributed import gather_rows, is_distributed
 from iad_lightning.errors import ConfigError
 
+log = logging.getLogger(__name__)
+CALIBRATION_KEY = "iad_calibration"  # checkpoint entry: calibration details (plain types)
 THRESHOLD_BUFFERS = ("image_threshold", "image_scale", "pixel_threshold", "pixel_scale")
 CALIBRATED_KEYS = ("image_precision", "image_recall", "image_f1", "image_fpr", "pixel_iou")
 LN9 = math.log(9.0)
@@ -146,11 +146,12 @@ def calibrate(module: Any, datamodule: Any, normal_fpr: float = 0.01, pixel_norm
     info = {"held_out_images": n_total, "image_normal_fpr": normal_fpr, "image_fpr_held_out": image_t.fpr,
             "held_out_pixels": pixel_t.n, "pixel_normal_fpr": pixel_fpr, "pixel_fpr_held_out": pixel_t.fpr}
     module.calibration_info = info
-    rank_zero_info(
-        f"Calibrated on {n_total} held-out normal images: image threshold {image_t.value:.6g} "
-        f"(false-alarm rate {image_t.fpr:.3g} on them, requested {normal_fpr:g}), pixel threshold "
-        f"{pixel_t.value:.6g} (rate {pixel_t.fpr:.3g} over {pixel_t.n} pixels, requested {pixel_fpr:g})"
-    )
+    if not is_distributed() or torch.distributed.get_rank() == 0:
+        log.info(
+            f"Calibrated on {n_total} held-out normal images: image threshold {image_t.value:.6g} "
+            f"(false-alarm rate {image_t.fpr:.3g} on them, requested {normal_fpr:g}), pixel threshold "
+            f"{pixel_t.value:.6g} (rate {pixel_t.fpr:.3g} over {pixel_t.n} pixels, requested {pixel_fpr:g})"
+        )
     return info
 
 
@@ -163,28 +164,6 @@ def set_thresholds(module: Any, image: Threshold, pixel: Threshold) -> None:
 def thresholds_of(module: Any) -> dict[str, float]:
     """The four threshold buffers as floats (NaN when not calibrated)."""
     return {name: float(getattr(module, name)) for name in THRESHOLD_BUFFERS}
-
-
-class ThresholdCalibration(L.Callback):
-    """Calibrates the thresholds when fitting ends, then rewrites the last checkpoint(s) so that
-    they hold them. Runs in ``on_train_end`` (after the method's last-epoch fitting, e.g.
-    PatchCore's bank and EfficientAD's quantiles, inside the strategy: model on its device)."""
-
-    def __init__(self, normal_fpr: float = 0.01, pixel_normal_fpr: float | None = None, batch_size: int = 16) -> None:
-        self.normal_fpr, self.pixel_normal_fpr, self.batch_size = normal_fpr, pixel_normal_fpr, batch_size
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "dataset"):
-            return
-        info = calibrate(pl_module, dm, self.normal_fpr, self.pixel_normal_fpr,
-                         getattr(dm, "eval_batch_size", None) or self.batch_size)
-        if info is None:
-            return
-        for cb in trainer.checkpoint_callbacks:
-            path = getattr(cb, "last_model_path", "") or ""
-            if path and Path(path).is_file():
-                trainer.save_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------ test time

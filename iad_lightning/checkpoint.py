@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
+from iad_lightning.calibration import CALIBRATION_KEY  # calibration details; the thresholds are buffers
 from iad_lightning.errors import ConfigError
 
 CONFIG_KEY = "iad_method_config"
-CALIBRATION_KEY = "iad_calibration"  # calibration details (plain types); the thresholds are buffers
 
 # Files a method reads only while fitting (their tensors are in the checkpoint): nulled on reload,
 # so test.py needs neither the file nor its path (EfficientAD's teacher and penalty images,

@@ -32,7 +32,7 @@ from PIL import Image
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
-from iad_lightning.callbacks.visualize import jet
+from iad_lightning.colors import jet
 from iad_lightning.data.io import load_image
 from iad_lightning.errors import ConfigError, DatasetError
 from iad_lightning.inference import Predictor, load

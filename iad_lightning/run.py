@@ -10,7 +10,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from iad_lightning.calibration import ThresholdCalibration, apply_holdout
+from iad_lightning.calibration import apply_holdout
+from iad_lightning.callbacks.calibration import ThresholdCalibration
 from iad_lightning.checkpoint import load_method
 from iad_lightning.results import calibrated_table, markdown_table, write_results
 
