@@ -203,3 +203,9 @@ def test_predict_with_an_exported_onnx_file(tmp_path):
     assert [r["decision"] for r in rows.values()] == eager.decisions
     assert sorted(eager.decisions) == ["anomalous", "normal", "normal"]
     np.testing.assert_allclose([float(r["score"]) for r in rows.values()], eager.scores, rtol=1e-4)
+    # the ONNX path needs no training stack: predicting imports neither Lightning, timm nor faiss
+    code = ("import sys, iad_lightning; p = iad_lightning.load(sys.argv[1], device='cpu'); p.predict(sys.argv[2]); "
+            "sys.exit(sorted({'lightning', 'timm', 'faiss'} & set(sys.modules)) or 0)")
+    proc = subprocess.run([sys.executable, "-c", code, str(onnx_path), str(folder / "0.png")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
