@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
+from iad_lightning.calibration import CALIBRATION_KEY  # calibration details; the thresholds are buffers
 from iad_lightning.errors import ConfigError
 
 CONFIG_KEY = "iad_method_config"
@@ -46,6 +47,6 @@ def load_method(ckpt_path: str | Path) -> torch.nn.Module:
     cfg = _offline_backbones(copy.deepcopy(ckpt[CONFIG_KEY]))
     model = instantiate(cfg)
     model.method_config = ckpt[CONFIG_KEY]
-    model.load_state_dict(ckpt["state_dict"])
-    model.on_load_checkpoint(ckpt)  # Lightning's hook: a method restores its non-tensor state
+    model.load_state_dict(ckpt["state_dict"])  # thresholds included (NaN in older checkpoints)
+    model.on_load_checkpoint(ckpt)  # Lightning's hook: a method restores its non-tensor state (calibration info)
     return model

@@ -17,15 +17,22 @@ Options (``key=value``, Hydra-style):
     rtol, atol      tolerance of the check against eager: atol + rtol * max|eager| (defaults 1e-4, 0)
 
 The graph is ``images (B, 3, H, W), normalised as the method's preprocess says -> (anomaly_map
-(B, 1, H, W), pred_score (B,))``; input name ``image``, output names ``anomaly_map`` and
-``pred_score``. Resizing and mean/std normalisation of raw images stay outside the graph (the
-method's ``preprocess``), as in training. After writing, the file is loaded again and run on a
+(B, 1, H, W), pred_score (B,), image_threshold (B,), pixel_threshold (B,))``; input name ``image``,
+output names ``anomaly_map``, ``pred_score``, ``image_threshold`` and ``pixel_threshold`` (the
+calibrated thresholds of ``iad_lightning.calibration``, repeated per image; NaN if the checkpoint
+was not calibrated): an image is anomalous iff ``pred_score > image_threshold``, its defect region
+is ``anomaly_map > pixel_threshold``. Resizing and mean/std normalisation of raw images stay
+outside the graph (the method's ``preprocess``), as in training; the ONNX file stores them, the
+thresholds and the widths of the normalised score in its ``metadata_props`` (``iad_preprocess``,
+``iad_thresholds``, JSON), so that ``python predict.py ckpt_path=model.onnx`` needs no checkpoint
+(TorchScript: the same JSON as the extra file ``iad_metadata.json``). After writing, the file is loaded again and run on a
 random input (onnxruntime for ONNX, ``torch.jit.load`` for TorchScript); the largest difference to
 the eager module is printed, and the export fails when it exceeds ``atol + rtol * max|eager|``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -41,7 +48,8 @@ from iad_lightning.errors import ConfigError, IADError
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("anomaly_map", "pred_score")
+OUTPUT_NAMES = ("anomaly_map", "pred_score", "image_threshold", "pixel_threshold")
+METADATA_KEYS = ("iad_method", "iad_preprocess", "iad_thresholds")
 _KEYS = ("ckpt_path", "format", "output", "batch_size", "dynamic_batch", "image_size", "opset", "exporter",
          "rtol", "atol")
 
@@ -123,25 +131,59 @@ def parse_args(argv: Sequence[str]) -> ExportConfig:
 
 # ------------------------------------------------------------------------------------ graph
 class TupleOutputs(nn.Module):
-    """``images -> (anomaly_map, pred_score)`` for modules that return a tuple or the dict of
-    ``predict_batch``; exporters want a fixed tuple of tensors."""
+    """``images -> (anomaly_map, pred_score, image_threshold, pixel_threshold)`` for modules that
+    return a tuple or the dict of ``predict_batch``; exporters want a fixed tuple of tensors. The
+    thresholds (the method's calibrated buffers, the same for every method) are repeated per image."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, image_threshold: float = float("nan"),
+                 pixel_threshold: float = float("nan")) -> None:
         super().__init__()
         self.module = module
+        self.register_buffer("image_threshold", torch.tensor([float(image_threshold)]))
+        self.register_buffer("pixel_threshold", torch.tensor([float(pixel_threshold)]))
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         out = self.module(images)
         if isinstance(out, dict):
-            return out["anomaly_map"], out["pred_score"]
-        anomaly_map, pred_score = out
-        return anomaly_map, pred_score
+            anomaly_map, pred_score = out["anomaly_map"], out["pred_score"]
+        else:
+            anomaly_map, pred_score = out
+        return (anomaly_map, pred_score, self.image_threshold.expand_as(pred_score),
+                self.pixel_threshold.expand_as(pred_score))
 
 
 def inference_graph(method: Any) -> nn.Module:
-    """The method's export module in eval mode on the CPU, with a tuple output."""
+    """The method's export module in eval mode on the CPU, with a tuple output and the thresholds."""
     module = method.export_module()  # raises ConfigError for methods that cannot be exported
-    return TupleOutputs(module).eval().to("cpu").requires_grad_(False)
+    thr = {k: float(getattr(method, k, float("nan"))) for k in ("image_threshold", "pixel_threshold")}
+    return TupleOutputs(module, **thr).eval().to("cpu").requires_grad_(False)
+
+
+def export_metadata(method: Any) -> dict[str, str]:
+    """JSON strings that a deployment needs besides the graph: the preprocessing and thresholds."""
+    pre = method.preprocess
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, (tuple, list)) else v
+
+    preprocess = {"resize": plain(pre.resize), "crop": plain(pre.crop), "mean": [float(m) for m in pre.mean],
+                  "std": [float(s) for s in pre.std], "resize_backend": pre.resize_backend}
+    names = ("image_threshold", "image_scale", "pixel_threshold", "pixel_scale")
+    thresholds = {k: float(getattr(method, k, float("nan"))) for k in names}
+    thresholds = {k: (v if v == v else None) for k, v in thresholds.items()}  # NaN -> null (valid JSON)
+    return {"iad_method": type(method).__name__, "iad_preprocess": json.dumps(preprocess),
+            "iad_thresholds": json.dumps(thresholds)}
+
+
+def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
 
 
 def input_size(method: Any, cfg: ExportConfig) -> tuple[int, int]:
@@ -185,15 +227,16 @@ def export_onnx(module: nn.Module, example: Tensor, path: Path, cfg: ExportConfi
                           dynamic_axes=dynamic if cfg.dynamic_batch else None, **kwargs)
 
 
-def export_torchscript(module: nn.Module, example: Tensor, path: Path) -> None:
+def export_torchscript(module: nn.Module, example: Tensor, path: Path, metadata: dict[str, str] | None = None) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is deprecated.*")
         traced = torch.jit.trace(module, (example,), check_trace=False)
         traced = torch.jit.freeze(traced)  # weights and buffers (the normalisation) become constants
-        traced.save(str(path))
+        extra = {"iad_metadata.json": json.dumps(metadata)} if metadata else {}
+        torch.jit.save(traced, str(path), _extra_files=extra)
 
 
-def run_exported(path: Path, fmt: str, images: Tensor) -> tuple[Tensor, Tensor]:
+def run_exported(path: Path, fmt: str, images: Tensor) -> tuple[Tensor, ...]:
     """Load the written file and run it on ``images`` (onnxruntime / torch.jit)."""
     if fmt == "onnx":
         try:
@@ -202,13 +245,12 @@ def run_exported(path: Path, fmt: str, images: Tensor) -> tuple[Tensor, Tensor]:
             raise ConfigError("checking an ONNX export needs onnxruntime: pip install -e '.[onnx]'") from err
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         outs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
-        return torch.from_numpy(outs[0]), torch.from_numpy(outs[1])
+        return tuple(torch.from_numpy(o) for o in outs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is deprecated.*")
         loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
-        amap, score = loaded(images)
-    return amap, score
+        return tuple(loaded(images))
 
 
 def compare(exported: Sequence[Tensor], eager: Sequence[Tensor], rtol: float, atol: float) -> dict[str, tuple]:
@@ -217,7 +259,11 @@ def compare(exported: Sequence[Tensor], eager: Sequence[Tensor], rtol: float, at
     for name, got, ref in zip(OUTPUT_NAMES, exported, eager):
         if tuple(got.shape) != tuple(ref.shape):
             raise ExportError(f"exported '{name}' has shape {tuple(got.shape)}, eager {tuple(ref.shape)}")
-        diff = float((got.float() - ref.float()).abs().max())
+        got, ref = got.float(), ref.float()
+        if not torch.equal(torch.isnan(got), torch.isnan(ref)):  # NaN: an uncalibrated threshold
+            raise ExportError(f"exported '{name}' has NaN where eager has not (or the reverse)")
+        got, ref = got.nan_to_num(0.0), ref.nan_to_num(0.0)
+        diff = float((got - ref).abs().max())
         limit = atol + rtol * float(ref.abs().max())
         diffs[name] = (diff, float(ref.abs().max()))
         if not diff <= limit:  # also catches NaN
@@ -234,10 +280,12 @@ def export(cfg: ExportConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(cfg.batch_size, 3, h, w, generator=gen)
+    metadata = export_metadata(method)
     if cfg.format == "onnx":
         export_onnx(module, example, path, cfg)
+        add_onnx_metadata(path, metadata)
     else:
-        export_torchscript(module, example, path)
+        export_torchscript(module, example, path, metadata)
     # the check: a fresh random batch (another batch size when the batch dimension is free)
     check_batch = cfg.batch_size + 1 if cfg.dynamic_batch else cfg.batch_size
     images = torch.randn(check_batch, 3, h, w, generator=gen)

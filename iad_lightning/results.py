@@ -19,6 +19,11 @@ SHORT_NAMES = {
     "pixel_ap": "P-AP",
     "pixel_f1max": "P-F1max",
     "pixel_aupro": "AUPRO",
+    "image_precision": "I-Prec",
+    "image_recall": "I-Rec",
+    "image_f1": "I-F1",
+    "image_fpr": "I-FPR",
+    "pixel_iou": "P-IoU",
 }
 
 
@@ -57,10 +62,18 @@ def markdown_table(results: dict[str, Any], keys: tuple[str, ...] = METRIC_KEYS)
     return "\n".join(lines) + "\n"
 
 
+def calibrated_table(results: dict[str, Any]) -> str:
+    """The metrics at the calibrated thresholds (``results["calibrated"]``) as a markdown table."""
+    from iad_lightning.calibration import CALIBRATED_KEYS
+
+    return markdown_table(results["calibrated"], CALIBRATED_KEYS)
+
+
 def write_results(results: dict[str, Any], out_dir: str | Path) -> None:
-    """Write results.json (exact shape: categories/mean, plus ``trained_on`` for a method fitted on
-    other data, e.g. zero-shot AnomalyCLIP, and ``crop_check`` when present) and results.md into
-    ``out_dir``."""
+    """Write results.json and results.md into ``out_dir``: ``categories`` / ``mean`` (the
+    threshold-free metrics, exact shape) and, when present, ``trained_on`` (what a method fitted on
+    other data was trained on, e.g. zero-shot AnomalyCLIP), ``crop_check`` (defects cut by the
+    centre crop) and ``calibrated`` (thresholds and the metrics at them, ``iad_lightning.calibration``)."""
     out = Path(out_dir)
     clean = {
         "categories": {c: {k: m.get(k) for k in METRIC_KEYS} for c, m in results["categories"].items()},
@@ -70,5 +83,9 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> None:
         clean["trained_on"] = results["trained_on"]
     if results.get("crop_check") is not None:  # defects cut by the centre crop (data/crop_check.py)
         clean["crop_check"] = results["crop_check"]
+    md = markdown_table(clean)
+    if results.get("calibrated"):
+        clean["calibrated"] = results["calibrated"]
+        md += "\nAt the calibrated thresholds (held-out normal images):\n\n" + calibrated_table(results)
     atomic_write(out / "results.json", json.dumps(clean, indent=2) + "\n")
-    atomic_write(out / "results.md", markdown_table(clean))
+    atomic_write(out / "results.md", md)

@@ -11,8 +11,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from iad_lightning.calibration import apply_holdout
+from iad_lightning.callbacks.calibration import ThresholdCalibration
 from iad_lightning.checkpoint import load_method
-from iad_lightning.results import markdown_table, write_results
+from iad_lightning.results import calibrated_table, markdown_table, write_results
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +26,15 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
-def _build(cfg: DictConfig, model: L.LightningModule) -> tuple[L.LightningDataModule, L.Trainer]:
+def _build(
+    cfg: DictConfig, model: L.LightningModule, extra_callbacks: tuple = ()
+) -> tuple[L.LightningDataModule, L.Trainer]:
     datamodule = instantiate(cfg.data)
     datamodule.preprocess = model.preprocess
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = instantiate(
         cfg.trainer,
-        callbacks=_instantiate_group(cfg.get("callbacks")),
+        callbacks=[*extra_callbacks, *_instantiate_group(cfg.get("callbacks"))],
         logger=loggers or False,
         default_root_dir=cfg.paths.output_dir,
     )
@@ -45,6 +49,8 @@ def _finish(trainer: L.Trainer, model: L.LightningModule, out_dir: str) -> dict[
     if trainer.is_global_zero:
         write_results(results, out_dir)
         table = markdown_table(results)
+        if results.get("calibrated"):
+            table += "\nAt the calibrated thresholds (held-out normal images):\n" + calibrated_table(results)
         for logger in trainer.loggers:
             log_results_table(logger, results, table)
         print(f"\nResults ({Path(out_dir) / 'results.json'}):\n{table}")
@@ -101,7 +107,12 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     eval_data = cfg.get("eval_data")
     if eval_data or cfg.data.get("fit_split", "train") != "train":
         model.trained_on = {"data": _data_description(cfg.data)}  # recorded in results.json
-    datamodule, trainer = _build(cfg, model)
+    threshold = cfg.get("threshold") or {}
+    calibrates = hasattr(model, "image_threshold")  # every AnomalyModule; not e.g. a teacher distillation
+    extra = (ThresholdCalibration(threshold.get("normal_fpr", 0.01), threshold.get("pixel_normal_fpr")),)
+    datamodule, trainer = _build(cfg, model, extra if calibrates else ())
+    if calibrates:  # before the data is indexed
+        apply_holdout(datamodule, float(threshold.get("holdout_fraction", 0.0)))
     trainer.fit(model, datamodule=datamodule)
     if not cfg.get("test", True):
         return None

@@ -60,7 +60,12 @@ def load_image(path: str | Path) -> Image.Image:
     16-bit data is divided by 257, CMYK/YCbCr are converted by Pillow.
     Raises ``DatasetError`` naming the path if the file is missing, corrupt or truncated.
     """
-    im = _to_8bit_grey(_open(path, "image"))
+    return to_rgb8(_open(path, "image"), str(path))
+
+
+def to_rgb8(im: Image.Image, name: str = "image") -> Image.Image:
+    """Any decoded PIL image as 8-bit RGB, by ``load_image``'s rules (``name`` for errors)."""
+    im = _to_8bit_grey(im)
     if im.mode == "RGB":
         return im
     if im.mode == "P":  # via RGBA: Pillow warns when converting transparent palettes to RGB
@@ -69,9 +74,31 @@ def load_image(path: str | Path) -> Image.Image:
         return im.convert("RGB")
     except ValueError as e:
         raise DatasetError(
-            f"image file '{path}' has mode '{im.mode}' that cannot be converted to RGB; "
+            f"image file '{name}' has mode '{im.mode}' that cannot be converted to RGB; "
             f"convert it to PNG"
         ) from e
+
+
+def array_to_rgb8(array: np.ndarray, name: str = "array") -> Image.Image:
+    """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array as 8-bit RGB: uint8 as is, uint16 / 257,
+    float in [0, 1] x 255 (other floats taken as 0..255), alpha dropped, grey replicated."""
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        raise DatasetError(f"{name}: an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.dtype == np.uint16:
+        arr = np.rint(arr.astype(np.float64) / 257.0)
+    elif arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr.astype(np.float64))
+        if arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+    elif arr.dtype != np.uint8 and arr.dtype.kind not in "iub":
+        raise DatasetError(f"{name}: unsupported image array dtype {arr.dtype}")
+    arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    return to_rgb8(Image.fromarray(arr), name)
 
 
 def load_mask(

@@ -3,10 +3,14 @@
 A method implements ``preprocess`` (its input geometry) and ``predict_batch`` (per image an
 anomaly map and an image score). The base module collects test predictions on the CPU per
 category and, as soon as a category's images are all in (on every rank), gathers them from all
-ranks, drops the duplicates a distributed sampler pads with, and reduces them to metrics with
-``iad_lightning.metrics`` in ``_reduce_category``; the category's maps are then freed, so test
-memory is bounded by the largest category (``category_buffer``). No method computes its own
-metrics.
+ranks, drops the duplicates a distributed sampler pads with, and reduces them with
+``_reduce_category`` (metrics from ``iad_lightning.metrics``, the crop check, the metrics at the
+calibrated thresholds); the category's maps are then freed, so test memory is bounded by the
+largest category (``category_buffer``). No method computes its own metrics.
+
+Every method also carries the decision thresholds calibrated after fitting on held-out normal
+images (``iad_lightning.calibration``): buffers ``image_threshold``, ``pixel_threshold`` and the
+widths of the normalised score, NaN until calibrated.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iad_lightning.calibration import CALIBRATION_KEY, THRESHOLD_BUFFERS, calibrated_category, calibrated_results
 from iad_lightning.checkpoint import CONFIG_KEY
 from iad_lightning.data.crop_check import crop_check, warn_if_cropped
 from iad_lightning.data.transforms import Preprocess
@@ -34,8 +39,11 @@ class AnomalyModule(L.LightningModule):
         super().__init__()
         self.results: dict[str, Any] | None = None
         self._test_buffer = CategoryBuffer()
-        self._test_metrics: dict[str, dict[str, Any]] = {}
-        self._test_crops: dict[str, dict[str, Any]] = {}  # crop_check per category (data/crop_check.py)
+        self._test_reduced: dict[str, dict[str, Any]] = {}  # per category: what _reduce_category kept
+        self.calibration_info: dict[str, Any] | None = None
+        for name in THRESHOLD_BUFFERS:  # NaN = not calibrated; set by calibration.ThresholdCalibration
+            self.register_buffer(name, torch.tensor(float("nan")))
+        self._register_load_state_dict_pre_hook(_fill_missing_thresholds, with_module=True)
 
     # -- what a method provides -------------------------------------------------------------
     @property
@@ -73,12 +81,16 @@ class AnomalyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the resolved method config (plain types) lets test.py rebuild the module safely
         checkpoint[CONFIG_KEY] = getattr(self, "method_config", None)
+        checkpoint[CALIBRATION_KEY] = self.calibration_info
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.calibration_info = checkpoint.get(CALIBRATION_KEY)
 
     def on_test_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         ends = dm.category_ends("test") if hasattr(dm, "category_ends") else {}
         self._test_buffer = CategoryBuffer(ends)  # without ends: every category at epoch end
-        self._test_metrics, self._test_crops = {}, {}
+        self._test_reduced = {}
         self.results = None
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -102,32 +114,37 @@ class AnomalyModule(L.LightningModule):
     def _release_category(self, cat: str) -> None:
         pred = self._test_buffer.release(cat)
         if pred is not None:
-            self._test_metrics[cat] = self._reduce_category(cat, pred)
-            self._test_crops.update(crop_check(pred["category"], pred["label"], pred["mask_kept"]))
+            self._test_reduced[cat] = self._reduce_category(cat, pred)
 
     def _reduce_category(self, cat: str, pred: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Metrics of one complete category: the one place where all of its predictions are in
-        memory (extend it for thresholds, curves, plots). ``pred``: ``index`` (sorted, unique),
-        ``pred_score``, ``label``, ``anomaly_map`` (N,H,W) float32, ``mask`` (N,H,W) bool,
-        ``category``; the same on every rank. Pixel metrics are None for a category without masks."""
+        """What the test path keeps of one complete category: the one place where all of its
+        predictions are in memory (extend it for more per-category results). ``pred``: ``index``
+        (sorted, unique), ``pred_score``, ``label``, ``anomaly_map`` (N,H,W) float32, ``mask``
+        (N,H,W) bool, ``category``, ``mask_kept``; the same on every rank. Returns ``metrics``
+        (pixel metrics None for a category without masks), ``crop_check`` and ``calibrated``."""
         has_masks = bool(pred["mask"].any())
-        return compute_metrics(
-            pred["pred_score"],
-            pred["label"],
-            pred["anomaly_map"] if has_masks else None,
-            pred["mask"] if has_masks else None,
-        )
+        maps, masks = (pred["anomaly_map"], pred["mask"]) if has_masks else (None, None)
+        return {
+            "metrics": compute_metrics(pred["pred_score"], pred["label"], maps, masks),
+            "crop_check": crop_check(pred["category"], pred["label"], pred["mask_kept"])[cat],
+            "calibrated": calibrated_category(pred["pred_score"], pred["label"], maps, masks, self),
+        }
 
     def on_test_epoch_end(self) -> None:
         for cat in self._test_buffer.rest():  # the last category, and any the datamodule did not name
             self._release_category(cat)
-        order = category_order(list(self._test_metrics), getattr(self.trainer, "datamodule", None))
-        per_cat = {cat: self._test_metrics[cat] for cat in order}
-        crops = {cat: self._test_crops[cat] for cat in order if cat in self._test_crops}
-        self._test_buffer, self._test_metrics, self._test_crops = CategoryBuffer(), {}, {}
-        self.results = {"categories": per_cat, "mean": mean_over_categories(per_cat), "crop_check": crops}
+        order = category_order(list(self._test_reduced), getattr(self.trainer, "datamodule", None))
+        reduced = {cat: self._test_reduced[cat] for cat in order}
+        self._test_buffer, self._test_reduced = CategoryBuffer(), {}
+        per_cat = {cat: r["metrics"] for cat, r in reduced.items()}
+        self.results = {
+            "categories": per_cat,
+            "mean": mean_over_categories(per_cat),
+            "crop_check": {cat: r["crop_check"] for cat, r in reduced.items()},
+            "calibrated": calibrated_results({cat: r["calibrated"] for cat, r in reduced.items()}, self),
+        }
         if self.trainer.is_global_zero:
-            warn_if_cropped(crops)
+            warn_if_cropped(self.results["crop_check"])
         for cat, values in self.results["categories"].items():
             for key, value in values.items():
                 if value is not None:
@@ -135,3 +152,12 @@ class AnomalyModule(L.LightningModule):
         for key, value in self.results["mean"].items():
             if value is not None:
                 self.log(f"test/mean/{key}", value, rank_zero_only=True, sync_dist=False)
+        for key, value in self.results["calibrated"]["mean"].items():
+            if value is not None:
+                self.log(f"test/calibrated/{key}", value, rank_zero_only=True, sync_dist=False)
+
+
+def _fill_missing_thresholds(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before calibration existed load as 'not calibrated' (NaN)."""
+    for name in THRESHOLD_BUFFERS:
+        state_dict.setdefault(prefix + name, torch.tensor(float("nan")))

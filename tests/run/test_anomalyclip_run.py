@@ -167,7 +167,7 @@ def test_medical_meta_json_with_image_only_class_and_export(trained, roots, tmp_
     path = export(ExportConfig(ckpt_path=str(trained / "checkpoints" / "last.ckpt"), format="onnx",
                                output=str(tmp_path / "acl.onnx")))  # image tower + DPAM, text as a constant
     images = torch.randn(1, 3, 64, 64)
-    amap, score = ort.InferenceSession(str(path)).run(None, {"image": images.numpy()})
+    amap, score = ort.InferenceSession(str(path)).run(["anomaly_map", "pred_score"], {"image": images.numpy()})
     with torch.no_grad():
         want = model.predict_batch(images)
     torch.testing.assert_close(torch.from_numpy(amap), want["anomaly_map"], rtol=1e-4, atol=1e-5)

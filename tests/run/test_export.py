@@ -70,9 +70,10 @@ def test_torchscript_export_equals_eager(ckpt, eager, capsys):
     images, amap, score = eager
     loaded = torch.jit.load(str(out), map_location="cpu")
     with torch.no_grad():
-        got_map, got_score = loaded(images)
+        got_map, got_score, image_thr, pixel_thr = loaded(images)
     _rel_close(got_map, amap)
     _rel_close(got_score, score)
+    assert image_thr.shape == (3,) and torch.isnan(image_thr).all() and torch.isnan(pixel_thr).all()  # uncalibrated
 
 
 def test_onnx_export_equals_eager_with_a_dynamic_batch(ckpt, eager, tmp_path):
@@ -85,9 +86,9 @@ def test_onnx_export_equals_eager_with_a_dynamic_batch(ckpt, eager, tmp_path):
     assert "max abs diff vs eager on a random batch of 2" in proc.stdout
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
-    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "pred_score"]
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "pred_score", "image_threshold", "pixel_threshold"]
     images, amap, score = eager  # batch 3, exported with batch 1: the batch dimension is free
-    got_map, got_score = session.run(None, {"image": images.numpy()})
+    got_map, got_score, _, _ = session.run(None, {"image": images.numpy()})
     _rel_close(torch.from_numpy(got_map), amap)
     _rel_close(torch.from_numpy(got_score), score)
 

@@ -49,4 +49,4 @@ def test_mlflow_local_store_has_metrics_and_artifacts(logged):
     artifacts = {p.name for p in (logged / "mlartifacts").rglob("*") if p.is_file()}
     assert {"bottle.png", "results.md", "results.json"} <= artifacts
     saved = json.loads(next((logged / "mlartifacts").rglob("results.json")).read_text())
-    assert set(saved) == {"categories", "mean"}
+    assert set(saved) == {"categories", "mean", "crop_check", "calibrated"}
