@@ -91,7 +91,8 @@ def parse_args(argv: Sequence[str]) -> ExportConfig:
             raise ConfigError(f"unknown option '{key}'; keys: {', '.join(_KEYS)}")
         raw[key] = value.strip().strip("'\"")
     if "ckpt_path" not in raw:
-        raise ConfigError("ckpt_path=... is required (a training run's checkpoints/last.ckpt)")
+        raise ConfigError("ckpt_path=... is required: python -m iad_lightning.export "
+                          "ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt [format=onnx|torchscript]")
     cfg = ExportConfig(ckpt_path=raw["ckpt_path"])
     if "format" in raw:
         cfg.format = raw["format"].lower()

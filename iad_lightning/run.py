@@ -11,7 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from iad_lightning.checkpoint import load_method
+from iad_lightning.errors import ConfigError
 from iad_lightning.results import markdown_table, write_results
+from iad_lightning.strategies import resolve_strategy
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,14 @@ def _build(cfg: DictConfig, model: L.LightningModule) -> tuple[L.LightningDataMo
     datamodule = instantiate(cfg.data)
     datamodule.preprocess = model.preprocess
     loggers = _instantiate_group(cfg.get("logger"))
+    extra = {}
+    strategy = cfg.trainer.get("strategy")
+    resolved = resolve_strategy(strategy)
+    if resolved is not strategy:
+        extra["strategy"] = resolved  # plain "ddp" (and ddp_spawn, ...) -> AnomalyDDPStrategy
     trainer = instantiate(
         cfg.trainer,
+        **extra,
         callbacks=_instantiate_group(cfg.get("callbacks")),
         logger=loggers or False,
         default_root_dir=cfg.paths.output_dir,
@@ -63,13 +71,25 @@ def log_results_table(logger: Any, results: dict[str, Any], table: str) -> None:
         logger.experiment.log_dict(logger.run_id, results, "results.json")
 
 
+def resume_path(ckpt_path: str | None) -> str | None:
+    """The checkpoint ``train.py ckpt_path=...`` resumes from (None: a fresh run)."""
+    if not ckpt_path:
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path='{path}' does not exist; to resume, point it at the interrupted run's "
+                          "checkpoints/last.ckpt (or drop ckpt_path for a fresh run)")
+    return str(path)
+
+
 def train(cfg: DictConfig) -> dict[str, Any] | None:
-    """Fit ``cfg.method`` on ``cfg.data``; then test it and write results unless ``test=false``."""
+    """Fit ``cfg.method`` on ``cfg.data`` (resuming from ``cfg.ckpt_path`` when set); then test it
+    and write results unless ``test=false``."""
     L.seed_everything(cfg.seed, workers=True)
     model = instantiate(cfg.method)
     model.method_config = OmegaConf.to_container(cfg.method, resolve=True)
     datamodule, trainer = _build(cfg, model)
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path")))
     if not cfg.get("test", True):
         return None
     trainer.test(model, datamodule=datamodule, verbose=False)
