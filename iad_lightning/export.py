@@ -235,10 +235,16 @@ def export(cfg: ExportConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(cfg.batch_size, 3, h, w, generator=gen)
-    if cfg.format == "onnx":
-        export_onnx(module, example, path, cfg)
-    else:
-        export_torchscript(module, example, path)
+    try:
+        if cfg.format == "onnx":
+            export_onnx(module, example, path, cfg)
+        else:
+            export_torchscript(module, example, path)
+    except IADError:
+        raise
+    except Exception as err:  # an op the exporter cannot express: one clear line, not a traceback
+        raise ExportError(f"{cfg.format} export of {type(method).__name__} failed: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
     # the check: a fresh random batch (another batch size when the batch dimension is free)
     check_batch = cfg.batch_size + 1 if cfg.dynamic_batch else cfg.batch_size
     images = torch.randn(check_batch, 3, h, w, generator=gen)

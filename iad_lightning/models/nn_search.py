@@ -268,3 +268,32 @@ def refine_squared_distances(queries: Tensor, bank: Tensor, dist: Tensor, index:
         refined[start : start + rows] = torch.where(idx >= 0, diff.square_().sum(-1), dist[start : start + rows])
     refined, order = refined.sort(dim=1, stable=True)
     return refined, index.gather(1, order)
+
+
+def exportable_knn(queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int, bank_chunk: int = 16384
+                   ) -> tuple[Tensor, Tensor]:
+    """Exact k-NN as plain tensor ops that ONNX / TorchScript export: for each chunk of bank rows
+    the squared L2 ``|q|^2 - 2 q.b + |b|^2`` (one matmul, clamped at 0) and its k smallest, then the
+    k smallest of the chunks' candidates. The loop over bank chunks has a fixed trip count (the bank
+    is a constant of the graph), so it unrolls into ceil(M / bank_chunk) matmuls and the peak is
+    one (Q, bank_chunk) block instead of (Q, M). The distances of the found neighbours are then
+    recomputed as sum((q - b)^2), as ``NearestNeighbourSearch(refine_distances=True)`` does.
+
+    queries (Q, D), bank (M, D), bank_sq (M,) = |b|^2. Returns ((Q, k) ascending, (Q, k) int64).
+    """
+    q_sq = (queries * queries).sum(1, keepdim=True)
+    cand_d, cand_i = [], []
+    for start in range(0, bank.shape[0], bank_chunk):
+        block = bank[start : start + bank_chunk]
+        d2 = (q_sq - 2.0 * queries @ block.t() + bank_sq[start : start + bank_chunk]).clamp(min=0.0)
+        kk = min(k, block.shape[0])
+        d, i = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
+        cand_d.append(d)
+        cand_i.append(i + start)
+    d, i = (cand_d[0], cand_i[0]) if len(cand_d) == 1 else (torch.cat(cand_d, 1), torch.cat(cand_i, 1))
+    if len(cand_d) > 1:
+        d, pos = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        i = i.gather(1, pos)
+    refined = (queries.unsqueeze(1) - bank[i]).square().sum(-1)  # (Q, k, D) gathered rows, k small
+    refined, order = torch.topk(refined, k, dim=1, largest=False, sorted=True)  # re-sort (ONNX has no stable sort)
+    return refined, i.gather(1, order)

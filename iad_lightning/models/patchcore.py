@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iad_lightning.models.nn_search import NearestNeighbourSearch
+from iad_lightning.models.nn_search import NearestNeighbourSearch, exportable_knn
 
 __all__ = [
     "Aggregator",
     "MeanMapper",
+    "PatchCoreInference",
     "PatchCoreModel",
     "PatchEmbedding",
     "adaptive_avg_pool_channels",
@@ -84,8 +85,9 @@ def adaptive_avg_pool_channels(x: Tensor, out_size: int) -> Tensor:
     transposing x. With g = gcd(In, out), the windows repeat every out/g outputs and In/g inputs,
     never crossing a period, so pooling is a handful of slice sums on a (B, g, In/g, L) view.
     """
-    b, in_size, length = x.shape
-    if in_size == out_size:
+    b, length = x.shape[0], x.shape[2]
+    in_size = int(x.shape[1])  # a Python int even under ONNX export (where shapes are tensors whose
+    if in_size == out_size:    # negative floor divisions would be folded as truncations)
         return x
     g = math.gcd(in_size, out_size)
     period_in, period_out = in_size // g, out_size // g
@@ -386,3 +388,49 @@ class PatchCoreModel(nn.Module):
 
     def forward(self, features: Sequence[Tensor], input_size: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
         return self.predict(features, input_size)
+
+
+class PatchCoreInference(nn.Module):
+    """The exportable graph ``normalised images -> (anomaly_map, pred_score)`` of a fitted PatchCore.
+
+    The memory bank (and its squared row norms) are buffers, so ONNX / TorchScript carry them as
+    constants, and the nearest-neighbour search is ``exportable_knn`` (matmul + topk per bank
+    chunk, exact; distances refined like the eager search) instead of faiss. Embedding, mean of
+    the k distances, paper re-weighting (Eq. 7), bilinear upsampling and the sigma-4 blur are the
+    eager ``PatchCoreModel`` code. ``bank_chunk`` bank rows per matmul bound the peak memory:
+    (B * H * W) x bank_chunk floats (784 x 16384 x 4 B = 51 MB per 224 px image).
+    """
+
+    def __init__(self, feature_extractor: nn.Module, model: PatchCoreModel, bank_chunk: int = 16384) -> None:
+        super().__init__()
+        if model.memory_bank.shape[0] == 0:
+            raise ValueError("PatchCoreInference: the memory bank is empty; export a fitted model.")
+        self.feature_extractor, self.model, self.bank_chunk = feature_extractor, model, bank_chunk
+        bank = model.memory_bank.detach().float()
+        self.register_buffer("bank_sq", (bank * bank).sum(1), persistent=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        model, bank = self.model, self.model.memory_bank
+        embedding, grid = model.embed(self.feature_extractor(images))
+        b, p, d = embedding.shape
+        k = min(model.num_neighbors, bank.shape[0])
+        dist, idx = exportable_knn(embedding.reshape(b * p, d), bank, self.bank_sq, k, self.bank_chunk)
+        scores, nn_index = dist.mean(1).view(b, p), idx[:, 0].view(b, p)
+        if model.paper_reweighting:
+            image_scores = self._reweighted(embedding, scores, nn_index)
+        else:
+            image_scores = scores.amax(1)
+        return model.anomaly_map(scores, grid, images.shape[-2:]), image_scores
+
+    def _reweighted(self, embedding: Tensor, patch_scores: Tensor, nn_index: Tensor) -> Tensor:
+        """``PatchCoreModel.reweighted_image_scores`` (Eq. 7) with the exportable search."""
+        bank = self.model.memory_bank
+        top = patch_scores.argmax(1, keepdim=True)  # (B, 1)
+        s_star = patch_scores.gather(1, top)[:, 0]
+        m_test = embedding.gather(1, top.unsqueeze(-1).expand(-1, -1, embedding.shape[-1]))[:, 0]  # (B, D)
+        m_star = bank[nn_index.gather(1, top)[:, 0]]
+        _, support = exportable_knn(m_star, bank, self.bank_sq, min(self.model.reweight_neighbors, bank.shape[0]),
+                                    self.bank_chunk)
+        d_star = (m_test - m_star).norm(dim=1)
+        d_support = (m_test.unsqueeze(1) - bank[support]).norm(dim=2)
+        return (1.0 - torch.exp(d_star - torch.logsumexp(d_support, dim=1))) * s_star
