@@ -10,6 +10,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from iad_lightning.callbacks.checkpoint import RNGState
 from iad_lightning.checkpoint import load_method
 from iad_lightning.errors import ConfigError
 from iad_lightning.results import markdown_table, write_results
@@ -37,7 +38,7 @@ def _build(cfg: DictConfig, model: L.LightningModule) -> tuple[L.LightningDataMo
     trainer = instantiate(
         cfg.trainer,
         **extra,
-        callbacks=_instantiate_group(cfg.get("callbacks")),
+        callbacks=[*_instantiate_group(cfg.get("callbacks")), RNGState()],
         logger=loggers or False,
         default_root_dir=cfg.paths.output_dir,
     )
