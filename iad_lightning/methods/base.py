@@ -29,6 +29,7 @@ class AnomalyModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.results: dict[str, Any] | None = None
+        self.curves: dict[str, dict[str, Any]] = {}  # per category: the curve points of the metrics (plots)
         self._test_outputs: list[dict[str, np.ndarray]] = []
 
     # -- what a method provides -------------------------------------------------------------
@@ -71,6 +72,7 @@ class AnomalyModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []
         self.results = None
+        self.curves = {}
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self._predict_with_size(batch)
@@ -89,7 +91,7 @@ class AnomalyModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         merged = gather_predictions(self._test_outputs)
         self._test_outputs = []
-        self.results = metrics_per_category(merged, self.trainer.datamodule)
+        self.results = metrics_per_category(merged, self.trainer.datamodule, curves=self.curves)
         for cat, values in self.results["categories"].items():
             for key, value in values.items():
                 if value is not None:
@@ -108,8 +110,12 @@ def gather_predictions(outputs: list[dict[str, np.ndarray]]) -> dict[str, np.nda
     return {k: v[first] for k, v in merged.items()}
 
 
-def metrics_per_category(pred: dict[str, np.ndarray], datamodule: Any = None) -> dict[str, Any]:
-    """``{"categories": {cat: metrics}, "mean": metrics}``; pixel metrics None without masks."""
+def metrics_per_category(pred: dict[str, np.ndarray], datamodule: Any = None,
+                         curves: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``{"categories": {cat: metrics}, "mean": metrics}``; pixel metrics None without masks.
+
+    ``curves``: a dict that receives, per category, the ROC / PRO points the metrics come from
+    (``compute_metrics(curves=...)``), for the plots of ``callbacks/plots.py``."""
     cats = [c for c in getattr(datamodule, "categories", []) if c in set(pred["category"])]
     cats += sorted(set(pred["category"]) - set(cats))
     has_masks = bool(pred["mask"].any())
@@ -121,5 +127,6 @@ def metrics_per_category(pred: dict[str, np.ndarray], datamodule: Any = None) ->
             pred["label"][sel],
             pred["anomaly_map"][sel] if has_masks else None,
             pred["mask"][sel] if has_masks else None,
+            curves=curves.setdefault(cat, {}) if curves is not None else None,
         )
     return {"categories": per_cat, "mean": mean_over_categories(per_cat)}

@@ -90,6 +90,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(runs):
         assert b[key] == pytest.approx(value, abs=1e-4), key
 
 
+def test_every_run_writes_curve_plots(runs):
+    from PIL import Image
+
+    plots = runs[0] / "full" / "plots"
+    assert sorted(p.name for p in plots.glob("*.png")) == ["fabric_pro.png", "fabric_roc.png", "metrics.png"]
+    for path in plots.glob("*.png"):
+        with Image.open(path) as img:
+            assert img.width >= 400 and img.height >= 400 and len(set(img.convert("L").getdata())) > 20  # drawn
+
+
 def test_a_missing_resume_checkpoint_is_named(tmp_path):
     from iad_lightning.errors import ConfigError
     from iad_lightning.run import resume_path
