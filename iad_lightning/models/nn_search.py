@@ -270,30 +270,31 @@ def refine_squared_distances(queries: Tensor, bank: Tensor, dist: Tensor, index:
     return refined, index.gather(1, order)
 
 
-def exportable_knn(queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int, bank_chunk: int = 16384
-                   ) -> tuple[Tensor, Tensor]:
-    """Exact k-NN as plain tensor ops that ONNX / TorchScript export: for each chunk of bank rows
-    the squared L2 ``|q|^2 - 2 q.b + |b|^2`` (one matmul, clamped at 0) and its k smallest, then the
-    k smallest of the chunks' candidates. The loop over bank chunks has a fixed trip count (the bank
-    is a constant of the graph), so it unrolls into ceil(M / bank_chunk) matmuls and the peak is
-    one (Q, bank_chunk) block instead of (Q, M). The distances of the found neighbours are then
-    recomputed as sum((q - b)^2), as ``NearestNeighbourSearch(refine_distances=True)`` does.
+def exportable_knn(queries: Tensor, bank_t: Tensor, bank_sq: Tensor, k: int, bank_chunk: int = 16384
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact k-NN as plain tensor ops that ONNX / TorchScript export.
 
-    queries (Q, D), bank (M, D), bank_sq (M,) = |b|^2. Returns ((Q, k) ascending, (Q, k) int64).
+    For each chunk of bank columns: squared L2 ``|q|^2 - 2 q.b + |b|^2`` (one matmul, clamped at 0)
+    and its k smallest; the rows found are gathered from the same chunk and their distances
+    recomputed as sum((q - b)^2) (as ``NearestNeighbourSearch(refine_distances=True)`` does); then
+    the k smallest of all chunks' candidates. The chunk loop has a fixed trip count (the bank is a
+    constant of the graph) and unrolls into ceil(M / bank_chunk) matmuls, so the peak is one
+    (Q, bank_chunk) block instead of (Q, M). The bank is given transposed, (D, M), and only ever
+    sliced, so an exporter's constant folding keeps one copy of it in the file.
+
+    queries (Q, D), bank_t (D, M), bank_sq (M,) = |b|^2. Returns (squared distances (Q, k)
+    ascending, bank indices (Q, k) int64, the neighbour rows (Q, k, D)).
     """
     q_sq = (queries * queries).sum(1, keepdim=True)
-    cand_d, cand_i = [], []
-    for start in range(0, bank.shape[0], bank_chunk):
-        block = bank[start : start + bank_chunk]
-        d2 = (q_sq - 2.0 * queries @ block.t() + bank_sq[start : start + bank_chunk]).clamp(min=0.0)
-        kk = min(k, block.shape[0])
-        d, i = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
-        cand_d.append(d)
+    cand_d, cand_i, cand_rows = [], [], []
+    for start in range(0, bank_t.shape[1], bank_chunk):
+        block = bank_t[:, start : start + bank_chunk]  # (D, m)
+        d2 = (q_sq - 2.0 * (queries @ block) + bank_sq[start : start + bank_chunk]).clamp(min=0.0)
+        _, i = torch.topk(d2, min(k, block.shape[1]), dim=1, largest=False, sorted=True)
+        rows = block[:, i].permute(1, 2, 0)  # (Q, kk, D)
+        cand_d.append((queries.unsqueeze(1) - rows).square().sum(-1))
         cand_i.append(i + start)
-    d, i = (cand_d[0], cand_i[0]) if len(cand_d) == 1 else (torch.cat(cand_d, 1), torch.cat(cand_i, 1))
-    if len(cand_d) > 1:
-        d, pos = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        i = i.gather(1, pos)
-    refined = (queries.unsqueeze(1) - bank[i]).square().sum(-1)  # (Q, k, D) gathered rows, k small
-    refined, order = torch.topk(refined, k, dim=1, largest=False, sorted=True)  # re-sort (ONNX has no stable sort)
-    return refined, i.gather(1, order)
+        cand_rows.append(rows)
+    d, i, rows = torch.cat(cand_d, 1), torch.cat(cand_i, 1), torch.cat(cand_rows, 1)
+    d, pos = torch.topk(d, k, dim=1, largest=False, sorted=True)  # ascending (ONNX has no stable sort)
+    return d, i.gather(1, pos), rows.gather(1, pos.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))

@@ -38,6 +38,7 @@ __all__ = [
     "gaussian_blur",
     "gaussian_kernel1d",
     "unfold_neighbourhood",
+    "upsample_and_blur",
 ]
 
 
@@ -253,6 +254,15 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Te
     return x.view(b, c, h, w)
 
 
+def upsample_and_blur(patch_scores: Tensor, grid: tuple[int, int], input_size: tuple[int, int],
+                      sigma: float = 4.0) -> Tensor:
+    """(B, H * W) patch scores -> (B, 1, H_in, W_in): bilinear (align_corners=False) to the input
+    size, then the Gaussian blur of ``sigma`` px at that size (official RescaleSegmentor)."""
+    maps = patch_scores.view(-1, 1, *grid)
+    maps = F.interpolate(maps, size=tuple(input_size), mode="bilinear", align_corners=False)
+    return gaussian_blur(maps, sigma)
+
+
 # -------------------------------------------------------------------------------------- model
 class PatchCoreModel(nn.Module):
     """PatchCore memory bank and scoring, no training and no Lightning.
@@ -364,9 +374,7 @@ class PatchCoreModel(nn.Module):
     def anomaly_map(self, patch_scores: Tensor, grid: tuple[int, int], input_size: tuple[int, int]) -> Tensor:
         """(B, H * W) patch scores -> (B, 1, H_in, W_in): bilinear (align_corners=False) to the input
         size, then Gaussian blur sigma ``blur_sigma`` px at that size (official RescaleSegmentor)."""
-        maps = patch_scores.view(-1, 1, *grid)
-        maps = F.interpolate(maps, size=tuple(input_size), mode="bilinear", align_corners=False)
-        return gaussian_blur(maps, self.blur_sigma)
+        return upsample_and_blur(patch_scores, grid, input_size, self.blur_sigma)
 
     @torch.no_grad()
     def predict(self, features: Sequence[Tensor], input_size: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -393,44 +401,47 @@ class PatchCoreModel(nn.Module):
 class PatchCoreInference(nn.Module):
     """The exportable graph ``normalised images -> (anomaly_map, pred_score)`` of a fitted PatchCore.
 
-    The memory bank (and its squared row norms) are buffers, so ONNX / TorchScript carry them as
-    constants, and the nearest-neighbour search is ``exportable_knn`` (matmul + topk per bank
-    chunk, exact; distances refined like the eager search) instead of faiss. Embedding, mean of
-    the k distances, paper re-weighting (Eq. 7), bilinear upsampling and the sigma-4 blur are the
-    eager ``PatchCoreModel`` code. ``bank_chunk`` bank rows per matmul bound the peak memory:
-    (B * H * W) x bank_chunk floats (784 x 16384 x 4 B = 51 MB per 224 px image).
+    The memory bank (transposed, with its squared row norms) is a buffer, so ONNX / TorchScript
+    carry it as a constant (one copy: 410 MB for 10^5 x 1024), and the nearest-neighbour search is
+    ``exportable_knn`` (matmul + topk per bank chunk, exact; distances refined like the eager
+    search) instead of faiss. Embedding, the mean of the k distances, the paper's re-weighting
+    (Eq. 7), bilinear upsampling and the sigma-4 blur are the eager ``PatchCoreModel`` code.
+    ``bank_chunk`` bank rows per matmul bound the peak memory: (B * H * W) x bank_chunk floats
+    (784 x 16384 x 4 B = 51 MB per 224 px image).
     """
 
     def __init__(self, feature_extractor: nn.Module, model: PatchCoreModel, bank_chunk: int = 16384) -> None:
         super().__init__()
         if model.memory_bank.shape[0] == 0:
             raise ValueError("PatchCoreInference: the memory bank is empty; export a fitted model.")
-        self.feature_extractor, self.model, self.bank_chunk = feature_extractor, model, bank_chunk
+        self.feature_extractor, self.embedding, self.bank_chunk = feature_extractor, model.embedding, bank_chunk
+        self.num_neighbors, self.paper_reweighting = model.num_neighbors, model.paper_reweighting
+        self.reweight_neighbors, self.blur_sigma = model.reweight_neighbors, model.blur_sigma
         bank = model.memory_bank.detach().float()
+        self.register_buffer("bank_t", bank.t().contiguous(), persistent=False)
         self.register_buffer("bank_sq", (bank * bank).sum(1), persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        model, bank = self.model, self.model.memory_bank
-        embedding, grid = model.embed(self.feature_extractor(images))
+        embedding, grid = self.embedding(self.feature_extractor(images))
         b, p, d = embedding.shape
-        k = min(model.num_neighbors, bank.shape[0])
-        dist, idx = exportable_knn(embedding.reshape(b * p, d), bank, self.bank_sq, k, self.bank_chunk)
-        scores, nn_index = dist.mean(1).view(b, p), idx[:, 0].view(b, p)
-        if model.paper_reweighting:
-            image_scores = self._reweighted(embedding, scores, nn_index)
+        k = min(self.num_neighbors, self.bank_t.shape[1])
+        dist, _, rows = exportable_knn(embedding.reshape(b * p, d), self.bank_t, self.bank_sq, k, self.bank_chunk)
+        scores = dist.mean(1).view(b, p)
+        if self.paper_reweighting:
+            image_scores = self._reweighted(embedding, scores, rows[:, 0].view(b, p, d))
         else:
             image_scores = scores.amax(1)
-        return model.anomaly_map(scores, grid, images.shape[-2:]), image_scores
+        return upsample_and_blur(scores, grid, images.shape[-2:], self.blur_sigma), image_scores
 
-    def _reweighted(self, embedding: Tensor, patch_scores: Tensor, nn_index: Tensor) -> Tensor:
+    def _reweighted(self, embedding: Tensor, patch_scores: Tensor, nearest_rows: Tensor) -> Tensor:
         """``PatchCoreModel.reweighted_image_scores`` (Eq. 7) with the exportable search."""
-        bank = self.model.memory_bank
         top = patch_scores.argmax(1, keepdim=True)  # (B, 1)
-        s_star = patch_scores.gather(1, top)[:, 0]
-        m_test = embedding.gather(1, top.unsqueeze(-1).expand(-1, -1, embedding.shape[-1]))[:, 0]  # (B, D)
-        m_star = bank[nn_index.gather(1, top)[:, 0]]
-        _, support = exportable_knn(m_star, bank, self.bank_sq, min(self.model.reweight_neighbors, bank.shape[0]),
-                                    self.bank_chunk)
+        pick = top.unsqueeze(-1).expand(-1, -1, embedding.shape[-1])
+        s_star = patch_scores.gather(1, top)[:, 0]  # s*
+        m_test = embedding.gather(1, pick)[:, 0]  # m_test*, (B, D)
+        m_star = nearest_rows.gather(1, pick)[:, 0]  # m*, its nearest bank row
+        b = min(self.reweight_neighbors, self.bank_t.shape[1])
+        _, _, support = exportable_knn(m_star, self.bank_t, self.bank_sq, b, self.bank_chunk)  # N_b(m*)
         d_star = (m_test - m_star).norm(dim=1)
-        d_support = (m_test.unsqueeze(1) - bank[support]).norm(dim=2)
+        d_support = (m_test.unsqueeze(1) - support).norm(dim=2)
         return (1.0 - torch.exp(d_star - torch.logsumexp(d_support, dim=1))) * s_star
