@@ -401,8 +401,8 @@ class PatchCoreModel(nn.Module):
 class PatchCoreInference(nn.Module):
     """The exportable graph ``normalised images -> (anomaly_map, pred_score)`` of a fitted PatchCore.
 
-    The memory bank (transposed, with its squared row norms) is a buffer, so ONNX / TorchScript
-    carry it as a constant (one copy: 410 MB for 10^5 x 1024), and the nearest-neighbour search is
+    The memory bank (transposed, in chunks of ``bank_chunk`` rows, with its squared row norms) is
+    in buffers, so ONNX / TorchScript carry it as constants (one copy: 410 MB for 10^5 x 1024), and the nearest-neighbour search is
     ``exportable_knn`` (matmul + topk per bank chunk, exact; distances refined like the eager
     search) instead of faiss. Embedding, the mean of the k distances, the paper's re-weighting
     (Eq. 7), bilinear upsampling and the sigma-4 blur are the eager ``PatchCoreModel`` code.
@@ -418,14 +418,21 @@ class PatchCoreInference(nn.Module):
         self.num_neighbors, self.paper_reweighting = model.num_neighbors, model.paper_reweighting
         self.reweight_neighbors, self.blur_sigma = model.reweight_neighbors, model.blur_sigma
         bank = model.memory_bank.detach().float()
-        self.register_buffer("bank_t", bank.t().contiguous(), persistent=False)
-        self.register_buffer("bank_sq", (bank * bank).sum(1), persistent=False)
+        self.bank_size, self.n_chunks = bank.shape[0], 0
+        for j, rows in enumerate(bank.split(bank_chunk)):  # separate buffers: one copy in an ONNX file
+            self.register_buffer(f"bank_t_{j}", rows.t().contiguous())  # persistent: an initializer, not
+            self.register_buffer(f"bank_sq_{j}", (rows * rows).sum(1))  # a Constant inlined at every use
+            self.n_chunks += 1
+
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        chunks = [getattr(self, f"bank_t_{j}") for j in range(self.n_chunks)]
+        norms = [getattr(self, f"bank_sq_{j}") for j in range(self.n_chunks)]
+        return exportable_knn(queries, chunks, norms, k)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         embedding, grid = self.embedding(self.feature_extractor(images))
         b, p, d = embedding.shape
-        k = min(self.num_neighbors, self.bank_t.shape[1])
-        dist, _, rows = exportable_knn(embedding.reshape(b * p, d), self.bank_t, self.bank_sq, k, self.bank_chunk)
+        dist, _, rows = self._search(embedding.reshape(b * p, d), min(self.num_neighbors, self.bank_size))
         scores = dist.mean(1).view(b, p)
         if self.paper_reweighting:
             image_scores = self._reweighted(embedding, scores, rows[:, 0].view(b, p, d))
@@ -440,8 +447,7 @@ class PatchCoreInference(nn.Module):
         s_star = patch_scores.gather(1, top)[:, 0]  # s*
         m_test = embedding.gather(1, pick)[:, 0]  # m_test*, (B, D)
         m_star = nearest_rows.gather(1, pick)[:, 0]  # m*, its nearest bank row
-        b = min(self.reweight_neighbors, self.bank_t.shape[1])
-        _, _, support = exportable_knn(m_star, self.bank_t, self.bank_sq, b, self.bank_chunk)  # N_b(m*)
+        _, _, support = self._search(m_star, min(self.reweight_neighbors, self.bank_size))  # N_b(m*)
         d_star = (m_test - m_star).norm(dim=1)
         d_support = (m_test.unsqueeze(1) - support).norm(dim=2)
         return (1.0 - torch.exp(d_star - torch.logsumexp(d_support, dim=1))) * s_star

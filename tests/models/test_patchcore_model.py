@@ -361,7 +361,8 @@ def test_exportable_knn_equals_faiss_over_several_bank_chunks():
     backend = "faiss" if nn_search_module.faiss_available() else "torch"
     ref_d, ref_i = NearestNeighbourSearch(backend=backend).fit(bank).search(queries, k=4)
     for chunk in (1000, 333, 64):  # 1, 4 and 16 chunks (the last ones shorter)
-        d, i, rows = exportable_knn(queries, bank.t(), (bank * bank).sum(1), 4, bank_chunk=chunk)
+        rows_per_chunk = bank.split(chunk)
+        d, i, rows = exportable_knn(queries, [r.t() for r in rows_per_chunk], [(r * r).sum(1) for r in rows_per_chunk], 4)
         assert torch.equal(i, ref_i), chunk
         torch.testing.assert_close(d, ref_d, rtol=1e-6, atol=1e-6)
         assert torch.equal(rows, bank[i])
