@@ -99,7 +99,8 @@ def parse_args(argv: Sequence[str]) -> ExportConfig:
             raise ConfigError(f"unknown option '{key}'; keys: {', '.join(_KEYS)}")
         raw[key] = value.strip().strip("'\"")
     if "ckpt_path" not in raw:
-        raise ConfigError("ckpt_path=... is required (a training run's checkpoints/last.ckpt)")
+        raise ConfigError("ckpt_path=... is required: python -m iad_lightning.export "
+                          "ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt [format=onnx|torchscript]")
     cfg = ExportConfig(ckpt_path=raw["ckpt_path"])
     if "format" in raw:
         cfg.format = raw["format"].lower()
@@ -281,11 +282,17 @@ def export(cfg: ExportConfig) -> Path:
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(cfg.batch_size, 3, h, w, generator=gen)
     metadata = export_metadata(method)
-    if cfg.format == "onnx":
-        export_onnx(module, example, path, cfg)
-        add_onnx_metadata(path, metadata)
-    else:
-        export_torchscript(module, example, path, metadata)
+    try:
+        if cfg.format == "onnx":
+            export_onnx(module, example, path, cfg)
+            add_onnx_metadata(path, metadata)
+        else:
+            export_torchscript(module, example, path, metadata)
+    except IADError:
+        raise
+    except Exception as err:  # an op the exporter cannot express: one clear line, not a traceback
+        raise ExportError(f"{cfg.format} export of {type(method).__name__} failed: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
     # the check: a fresh random batch (another batch size when the batch dimension is free)
     check_batch = cfg.batch_size + 1 if cfg.dynamic_batch else cfg.batch_size
     images = torch.randn(check_batch, 3, h, w, generator=gen)

@@ -13,8 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from iad_lightning.calibration import apply_holdout
 from iad_lightning.callbacks.calibration import ThresholdCalibration
+from iad_lightning.callbacks.checkpoint import RNGState
 from iad_lightning.checkpoint import load_method
+from iad_lightning.errors import ConfigError
 from iad_lightning.results import calibrated_table, markdown_table, write_results
+from iad_lightning.strategies import resolve_strategy
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,14 @@ def _build(
     datamodule = instantiate(cfg.data)
     datamodule.preprocess = model.preprocess
     loggers = _instantiate_group(cfg.get("logger"))
+    extra = {}
+    strategy = cfg.trainer.get("strategy")
+    resolved = resolve_strategy(strategy)
+    if resolved is not strategy:
+        extra["strategy"] = resolved  # plain "ddp" (and ddp_spawn, ...) -> AnomalyDDPStrategy
     trainer = instantiate(
         cfg.trainer,
-        callbacks=[*extra_callbacks, *_instantiate_group(cfg.get("callbacks"))],
+        callbacks=[*extra_callbacks, *_instantiate_group(cfg.get("callbacks")), RNGState()],
         logger=loggers or False,
         default_root_dir=cfg.paths.output_dir,
     )
@@ -72,6 +80,17 @@ def log_results_table(logger: Any, results: dict[str, Any], table: str) -> None:
         logger.experiment.log_dict(logger.run_id, results, "results.json")
 
 
+def resume_path(ckpt_path: str | None) -> str | None:
+    """The checkpoint ``train.py ckpt_path=...`` resumes from (None: a fresh run)."""
+    if not ckpt_path:
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path='{path}' does not exist; to resume, point it at the interrupted run's "
+                          "checkpoints/last.ckpt (or drop ckpt_path for a fresh run)")
+    return str(path)
+
+
 def _data_description(data: DictConfig) -> dict[str, Any]:
     return {k: OmegaConf.to_container(data, resolve=True).get(k) for k in ("format", "root", "category", "fit_split")}
 
@@ -97,7 +116,8 @@ def _warn_if_fitted_on(fit: dict[str, Any] | None, ev: dict[str, Any]) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any] | None:
-    """Fit ``cfg.method`` on ``cfg.data``; then test it and write results unless ``test=false``.
+    """Fit ``cfg.method`` on ``cfg.data`` (resuming from ``cfg.ckpt_path`` when set); then test it
+    and write results unless ``test=false``.
 
     With ``eval_data`` set, the test runs on that second data config instead (the auxiliary-data
     protocol: fit on ``data`` with ``data.fit_split=test``, evaluate zero-shot on ``eval_data``)."""
@@ -113,7 +133,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     datamodule, trainer = _build(cfg, model, extra if calibrates else ())
     if calibrates:  # before the data is indexed
         apply_holdout(datamodule, float(threshold.get("holdout_fraction", 0.0)))
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path")))
     if not cfg.get("test", True):
         return None
     if eval_data:

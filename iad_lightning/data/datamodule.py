@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import defaultdict
 from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from iad_lightning.data.dataset import AnomalyDataset
 from iad_lightning.data.formats.base import get_index
 from iad_lightning.data.records import Record
+from iad_lightning.data.sampler import EpochSeededSampler
 from iad_lightning.data.transforms import Preprocess, without_crop
 from iad_lightning.errors import ConfigError, DatasetError
 
@@ -55,6 +58,9 @@ class AnomalyDataModule(L.LightningDataModule):
     val_fraction: share of train good images held out as validation (native validation splits,
         e.g. MVTec LOCO's, are used as they are and added to it).
     batch_size: per-device train batch; null lets the method choose (``configure_data``).
+    shuffle: the train order of epoch e is a permutation seeded by (run seed, e)
+        (``data/sampler.py``), so that ``train.py ckpt_path=...`` resumes with the same order, also
+        mid-epoch (the position is saved in the checkpoint through ``state_dict``).
     fit_split: what the train loader serves. ``train`` (default, every one-class method): the
         train good images. ``test``: the labelled test split, images and masks of all selected
         categories mixed: the *auxiliary-data protocol* of AnomalyCLIP (prompts trained on
@@ -99,6 +105,8 @@ class AnomalyDataModule(L.LightningDataModule):
         self.preprocess: Preprocess | None = None
         self._splits: dict[str, list[Record]] | None = None
         self.categories: list[str] = []
+        self._train_sampler: EpochSeededSampler | None = None
+        self._resume_position: tuple[int, int] | None = None  # (epoch, samples) from a checkpoint
 
     @property
     def eval_batch_size(self) -> int | None:
@@ -175,7 +183,37 @@ class AnomalyDataModule(L.LightningDataModule):
                 f"no training images for category {self.categories} under '{self.root}' "
                 f"(format '{self.format}'); this method needs {what}"
             )
-        return self._loader("fit", self.batch_size, self.shuffle)
+        if not self.shuffle:
+            return self._loader("fit", self.batch_size, False)
+        if self.batch_size is None:
+            raise ConfigError("data.batch_size is null and the method did not set it; set data.batch_size=N")
+        dataset = self.dataset("fit")
+        # the order of epoch e is a function of (run seed, e): reproducible across a resume
+        self._train_sampler = EpochSeededSampler(dataset, seed=int(os.environ.get("PL_GLOBAL_SEED", self.seed)))
+        if self._resume_position is not None:
+            self._train_sampler.skip_once(*self._resume_position)
+            self._resume_position = None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._train_sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self._train_sampler.seed),  # worker seeds off the global RNG
+        )
+
+    # -- resume: where in the epoch's order an interrupted run stopped -------------------------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.training:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches of this epoch
+        return {"train_epoch": int(trainer.current_epoch), "train_samples_seen": int(done * (self.batch_size or 0))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_epoch" in state_dict:
+            self._resume_position = (state_dict["train_epoch"], state_dict["train_samples_seen"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, False)

@@ -29,7 +29,11 @@ from iad_lightning.data.transforms import Preprocess
 from iad_lightning.errors import ConfigError
 from iad_lightning.methods.category_buffer import CategoryBuffer, category_order
 from iad_lightning.metrics import compute_metrics
+from iad_lightning.metrics.curve import thin_curves
 from iad_lightning.results import mean_over_categories
+
+
+CURVE_POINTS = 4000  # vertices kept per curve for the plots (the metrics use every point)
 
 
 class AnomalyModule(L.LightningModule):
@@ -40,6 +44,7 @@ class AnomalyModule(L.LightningModule):
         self.results: dict[str, Any] | None = None
         self._test_buffer = CategoryBuffer()
         self._test_reduced: dict[str, dict[str, Any]] = {}  # per category: what _reduce_category kept
+        self.curves: dict[str, dict[str, Any]] = {}  # per category: the curve points of the metrics (plots)
         self.calibration_info: dict[str, Any] | None = None
         for name in THRESHOLD_BUFFERS:  # NaN = not calibrated; set by calibration.ThresholdCalibration
             self.register_buffer(name, torch.tensor(float("nan")))
@@ -92,6 +97,7 @@ class AnomalyModule(L.LightningModule):
         self._test_buffer = CategoryBuffer(ends)  # without ends: every category at epoch end
         self._test_reduced = {}
         self.results = None
+        self.curves = {}
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self._predict_with_size(batch)
@@ -121,14 +127,20 @@ class AnomalyModule(L.LightningModule):
         predictions are in memory (extend it for more per-category results). ``pred``: ``index``
         (sorted, unique), ``pred_score``, ``label``, ``anomaly_map`` (N,H,W) float32, ``mask``
         (N,H,W) bool, ``category``, ``mask_kept``; the same on every rank. Returns ``metrics``
-        (pixel metrics None for a category without masks), ``crop_check`` and ``calibrated``."""
+        (pixel metrics None for a category without masks), ``crop_check`` and ``calibrated``; the
+        category's curve points go to ``self.curves``."""
         has_masks = bool(pred["mask"].any())
         maps, masks = (pred["anomaly_map"], pred["mask"]) if has_masks else (None, None)
-        return {
-            "metrics": compute_metrics(pred["pred_score"], pred["label"], maps, masks),
+        curves: dict[str, Any] = {}
+        result = {
+            "metrics": compute_metrics(pred["pred_score"], pred["label"], maps, masks, curves=curves),
             "crop_check": crop_check(pred["category"], pred["label"], pred["mask_kept"])[cat],
             "calibrated": calibrated_category(pred["pred_score"], pred["label"], maps, masks, self),
         }
+        # the exact curve points behind the metrics, thinned for the plots (callbacks/plots.py), so
+        # that memory stays per category: a pixel ROC has up to one point per pixel
+        self.curves[cat] = thin_curves(curves, CURVE_POINTS)
+        return result
 
     def on_test_epoch_end(self) -> None:
         for cat in self._test_buffer.rest():  # the last category, and any the datamodule did not name

@@ -35,7 +35,7 @@ from iad_lightning.models.coreset import (
     greedy_coreset_from_projection,
 )
 from iad_lightning.models.nn_search import NearestNeighbourSearch
-from iad_lightning.models.patchcore import PatchCoreModel, resolve_embed_dimensions
+from iad_lightning.models.patchcore import PatchCoreInference, PatchCoreModel, resolve_embed_dimensions
 
 
 class PatchCore(AnomalyModule):
@@ -121,6 +121,12 @@ class PatchCore(AnomalyModule):
         feats = self.feature_extractor(images)
         anomaly_map, score = self.model.predict(feats, images.shape[-2:])
         return {"anomaly_map": anomaly_map, "pred_score": score}
+
+    def export_module(self) -> torch.nn.Module:
+        """Backbone, embedding, the bank as a constant and the exact k-NN as matmul + topk."""
+        if self.model.memory_bank.shape[0] == 0:
+            raise ConfigError("PatchCore has an empty memory bank: export a checkpoint of a finished fit")
+        return PatchCoreInference(self.feature_extractor, self.model)
 
 
 def _bank_in_dataset_order(

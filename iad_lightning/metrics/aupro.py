@@ -80,6 +80,18 @@ def pro_curve(c: BinaryCurve, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def pro_curve_to_limit(c: BinaryCurve, n_regions: int, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """The (FPR, PRO) points that ``aupro_from_curve`` integrates: FPR <= L, closed by the point
+    interpolated at L exactly as the area is cut (the official ``trapezoid``)."""
+    x, y = pro_curve(c, n_regions)
+    ins = int(np.searchsorted(x, fpr_limit, side="right"))
+    xs, ys = x[:ins], y[:ins]
+    if ins < x.size and xs[-1] < fpr_limit:
+        y_lim = y[ins - 1] + (y[ins] - y[ins - 1]) * (fpr_limit - x[ins - 1]) / (x[ins] - x[ins - 1])
+        xs, ys = np.append(xs, fpr_limit), np.append(ys, y_lim)
+    return xs, ys
+
+
 def check_fpr_limit(fpr_limit: float) -> float:
     """The integration limit L must lie in (0, 1]."""
     limit = float(fpr_limit)

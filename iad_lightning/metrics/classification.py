@@ -23,6 +23,20 @@ def auroc_from_curve(c: BinaryCurve) -> float:
     return float(np.dot(c.count.astype(np.float64), below_plus_le)) / denom
 
 
+def roc_curve(c: BinaryCurve) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ROC polyline (FPR, TPR) from (0, 0) to (1, 1) whose trapezoid area is
+    ``auroc_from_curve``: per distinct positive score v_j the end of the horizontal run of
+    negatives above v_j, (fp_above_j, tp_{j-1}), then the tie group's diagonal to (fp_j, tp_j)."""
+    m = c.count.size
+    fpr, tpr = np.empty(2 * m + 2), np.empty(2 * m + 2)
+    fpr[0] = tpr[0] = 0.0
+    fpr[-1] = tpr[-1] = 1.0
+    fpr[1:-1:2], fpr[2:-1:2] = c.fp_above / c.n_neg, c.fp / c.n_neg
+    tp = c.tp / c.n_pos
+    tpr[1], tpr[3:-1:2], tpr[2:-1:2] = 0.0, tp[:-1], tp
+    return fpr, tpr
+
+
 def average_precision_from_curve(c: BinaryCurve) -> float:
     """Step-wise AP = sum_k (R_k - R_{k-1}) P_k over descending distinct thresholds.
 

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 
 from ._inputs import UndefinedMetricError, as_maps, positives, to_numpy
-from .aupro import aupro_from_curve, check_fpr_limit, pixel_curve
+from .aupro import aupro_from_curve, check_fpr_limit, pixel_curve, pro_curve_to_limit
 from .classification import (
     auroc_from_curve,
     average_precision_from_curve,
     f1_max_from_curve,
+    roc_curve,
 )
 from .curve import build_curve
 
@@ -40,6 +41,7 @@ def compute_metrics(
     anomaly_maps: Any | None = None,
     masks: Any | None = None,
     fpr_limit: float = 0.3,
+    curves: dict[str, Any] | None = None,
 ) -> dict[str, float | None]:
     """Exact image- and pixel-level metrics of one category, keyed by METRIC_KEYS.
 
@@ -48,6 +50,9 @@ def compute_metrics(
     The pixel scores are sorted once for pixel AUROC, AP, F1-max and AU-PRO@fpr_limit.
     A metric undefined for the data (one class only, no GT region) is None, with one
     UndefinedMetricWarning saying which and why; invalid input raises ValueError.
+    curves: a dict to fill with the points of the curves the numbers come from (for plots):
+    ``image_roc`` and ``pixel_roc`` as (FPR, TPR), ``pixel_pro`` as (FPR, PRO) up to ``fpr_limit``,
+    and ``fpr_limit``; a curve that is undefined is left out.
     """
     limit = check_fpr_limit(fpr_limit)
     scores = _image_vector(image_scores, "image_scores")
@@ -67,6 +72,8 @@ def compute_metrics(
         out["image_auroc"] = auroc_from_curve(c)
         out["image_ap"] = average_precision_from_curve(c)
         out["image_f1max"] = f1_max_from_curve(c)
+        if curves is not None:
+            curves["image_roc"] = roc_curve(c)
     except UndefinedMetricError as e:
         reasons.append(f"{', '.join(IMAGE_KEYS)} are None: {e}")
 
@@ -85,6 +92,10 @@ def compute_metrics(
             out["pixel_ap"] = average_precision_from_curve(c)
             out["pixel_f1max"] = f1_max_from_curve(c)
             out["pixel_aupro"] = aupro_from_curve(c, n_regions, limit)
+            if curves is not None:
+                curves["pixel_roc"] = roc_curve(c)
+                curves["pixel_pro"] = pro_curve_to_limit(c, n_regions, limit)
+                curves["fpr_limit"] = limit
         except UndefinedMetricError as e:
             reasons.append(f"{', '.join(PIXEL_KEYS)} are None: {e}")
 

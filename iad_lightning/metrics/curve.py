@@ -94,3 +94,18 @@ def build_curve(
             raise ValueError(f"{name}: expected {n_pos} positive weights, got {weights.shape}.")
         weight_sum = np.cumsum(weights[order], dtype=np.float64)[ends - 1]
     return BinaryCurve(n_pos, n_neg, count, tp, fp, fp_above, weight_sum)
+
+
+def thin_curve(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ~max_points vertices of a curve with increasing x, evenly spread in x, first and
+    last kept: for drawing only (metrics always use every point)."""
+    if x.size <= max_points:
+        return x, y
+    keep = np.searchsorted(x, np.linspace(x[0], x[-1], max_points), side="left").clip(0, x.size - 1)
+    keep = np.unique(np.concatenate([[0], keep, [x.size - 1]]))
+    return x[keep], y[keep]
+
+
+def thin_curves(curves: dict, max_points: int) -> dict:
+    """``thin_curve`` on every (x, y) pair of a ``compute_metrics(curves=...)`` dict."""
+    return {k: thin_curve(*v, max_points) if isinstance(v, tuple) and len(v) == 2 else v for k, v in curves.items()}

@@ -16,6 +16,7 @@ The index is built lazily on the first ``search`` and rebuilt whenever the bank 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -303,3 +304,34 @@ def refine_squared_distances(queries: Tensor, bank: Tensor, dist: Tensor, index:
         refined[start : start + rows] = torch.where(idx >= 0, diff.square_().sum(-1), dist[start : start + rows])
     refined, order = refined.sort(dim=1, stable=True)
     return refined, index.gather(1, order)
+
+
+def exportable_knn(queries: Tensor, bank_t_chunks: Sequence[Tensor], bank_sq_chunks: Sequence[Tensor], k: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact k-NN as plain tensor ops that ONNX / TorchScript export.
+
+    The bank comes as chunks of its transpose, (D, m_j) each, with their squared row norms. Per
+    chunk: squared L2 ``|q|^2 - 2 q.b + |b|^2`` (one matmul, clamped at 0) and its k smallest; the
+    rows found are gathered from the same chunk and their distances recomputed as sum((q - b)^2)
+    (as ``NearestNeighbourSearch(refine_distances=True)`` does); then the k smallest of all
+    chunks' candidates. The loop unrolls into one matmul per chunk, so the peak is one
+    (Q, m_j) block instead of (Q, M). The chunks are separate tensors (buffers of the export
+    module), not slices of one: the ONNX exporter's constant folding would otherwise write every
+    folded slice once per use, doubling the bank in the file.
+
+    Returns (squared distances (Q, k) ascending, bank indices (Q, k) int64, the rows (Q, k, D)).
+    """
+    q_sq = (queries * queries).sum(1, keepdim=True)
+    cand_d, cand_i, cand_rows = [], [], []
+    start = 0
+    for block, block_sq in zip(bank_t_chunks, bank_sq_chunks):  # (D, m), (m,)
+        d2 = (q_sq - 2.0 * (queries @ block) + block_sq).clamp(min=0.0)
+        _, i = torch.topk(d2, min(k, block.shape[1]), dim=1, largest=False, sorted=True)
+        rows = block[:, i].permute(1, 2, 0)  # (Q, kk, D)
+        cand_d.append((queries.unsqueeze(1) - rows).square().sum(-1))
+        cand_i.append(i + start)
+        cand_rows.append(rows)
+        start += block.shape[1]
+    d, i, rows = torch.cat(cand_d, 1), torch.cat(cand_i, 1), torch.cat(cand_rows, 1)
+    d, pos = torch.topk(d, k, dim=1, largest=False, sorted=True)  # ascending (ONNX has no stable sort)
+    return d, i.gather(1, pos), rows.gather(1, pos.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))

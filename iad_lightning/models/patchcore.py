@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iad_lightning.models.nn_search import NearestNeighbourSearch
+from iad_lightning.models.nn_search import NearestNeighbourSearch, exportable_knn
 
 __all__ = [
     "Aggregator",
     "MeanMapper",
+    "PatchCoreInference",
     "PatchCoreModel",
     "PatchEmbedding",
     "adaptive_avg_pool_channels",
@@ -38,6 +39,7 @@ __all__ = [
     "gaussian_kernel1d",
     "resolve_embed_dimensions",
     "unfold_neighbourhood",
+    "upsample_and_blur",
 ]
 
 # Official MeanMapper / Aggregator size; also the cap of the "unfolded" and "auto" rules.
@@ -89,8 +91,9 @@ def adaptive_avg_pool_channels(x: Tensor, out_size: int) -> Tensor:
     transposing x. With g = gcd(In, out), the windows repeat every out/g outputs and In/g inputs,
     never crossing a period, so pooling is a handful of slice sums on a (B, g, In/g, L) view.
     """
-    b, in_size, length = x.shape
-    if in_size == out_size:
+    b, length = x.shape[0], x.shape[2]
+    in_size = int(x.shape[1])  # a Python int even under ONNX export (where shapes are tensors whose
+    if in_size == out_size:    # negative floor divisions would be folded as truncations)
         return x
     g = math.gcd(in_size, out_size)
     period_in, period_out = in_size // g, out_size // g
@@ -318,6 +321,15 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Te
     return x.view(b, c, h, w)
 
 
+def upsample_and_blur(patch_scores: Tensor, grid: tuple[int, int], input_size: tuple[int, int],
+                      sigma: float = 4.0) -> Tensor:
+    """(B, H * W) patch scores -> (B, 1, H_in, W_in): bilinear (align_corners=False) to the input
+    size, then the Gaussian blur of ``sigma`` px at that size (official RescaleSegmentor)."""
+    maps = patch_scores.view(-1, 1, *grid)
+    maps = F.interpolate(maps, size=tuple(input_size), mode="bilinear", align_corners=False)
+    return gaussian_blur(maps, sigma)
+
+
 # -------------------------------------------------------------------------------------- model
 class PatchCoreModel(nn.Module):
     """PatchCore memory bank and scoring, no training and no Lightning.
@@ -430,9 +442,7 @@ class PatchCoreModel(nn.Module):
     def anomaly_map(self, patch_scores: Tensor, grid: tuple[int, int], input_size: tuple[int, int]) -> Tensor:
         """(B, H * W) patch scores -> (B, 1, H_in, W_in): bilinear (align_corners=False) to the input
         size, then Gaussian blur sigma ``blur_sigma`` px at that size (official RescaleSegmentor)."""
-        maps = patch_scores.view(-1, 1, *grid)
-        maps = F.interpolate(maps, size=tuple(input_size), mode="bilinear", align_corners=False)
-        return gaussian_blur(maps, self.blur_sigma)
+        return upsample_and_blur(patch_scores, grid, input_size, self.blur_sigma)
 
     @torch.no_grad()
     def predict(self, features: Sequence[Tensor], input_size: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -454,3 +464,58 @@ class PatchCoreModel(nn.Module):
 
     def forward(self, features: Sequence[Tensor], input_size: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
         return self.predict(features, input_size)
+
+
+class PatchCoreInference(nn.Module):
+    """The exportable graph ``normalised images -> (anomaly_map, pred_score)`` of a fitted PatchCore.
+
+    The memory bank (transposed, in chunks of ``bank_chunk`` rows, with its squared row norms) is
+    in buffers, so ONNX / TorchScript carry it as constants (one copy: 410 MB for 10^5 x 1024), and the nearest-neighbour search is
+    ``exportable_knn`` (matmul + topk per bank chunk, exact; distances refined like the eager
+    search) instead of faiss. Embedding, the mean of the k distances, the paper's re-weighting
+    (Eq. 7), bilinear upsampling and the sigma-4 blur are the eager ``PatchCoreModel`` code.
+    ``bank_chunk`` bank rows per matmul bound the peak memory: (B * H * W) x bank_chunk floats
+    (784 x 16384 x 4 B = 51 MB per 224 px image).
+    """
+
+    def __init__(self, feature_extractor: nn.Module, model: PatchCoreModel, bank_chunk: int = 16384) -> None:
+        super().__init__()
+        if model.memory_bank.shape[0] == 0:
+            raise ValueError("PatchCoreInference: the memory bank is empty; export a fitted model.")
+        self.feature_extractor, self.embedding, self.bank_chunk = feature_extractor, model.embedding, bank_chunk
+        self.num_neighbors, self.paper_reweighting = model.num_neighbors, model.paper_reweighting
+        self.reweight_neighbors, self.blur_sigma = model.reweight_neighbors, model.blur_sigma
+        bank = model.memory_bank.detach().float()
+        self.bank_size, self.n_chunks = bank.shape[0], 0
+        for j, rows in enumerate(bank.split(bank_chunk)):  # separate buffers: one copy in an ONNX file
+            self.register_buffer(f"bank_t_{j}", rows.t().contiguous())  # persistent: an initializer, not
+            self.register_buffer(f"bank_sq_{j}", (rows * rows).sum(1))  # a Constant inlined at every use
+            self.n_chunks += 1
+
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        chunks = [getattr(self, f"bank_t_{j}") for j in range(self.n_chunks)]
+        norms = [getattr(self, f"bank_sq_{j}") for j in range(self.n_chunks)]
+        return exportable_knn(queries, chunks, norms, k)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        embedding, grid = self.embedding(self.feature_extractor(images))
+        b, p, d = embedding.shape
+        dist, _, rows = self._search(embedding.reshape(b * p, d), min(self.num_neighbors, self.bank_size))
+        scores = dist.mean(1).view(b, p)
+        if self.paper_reweighting:
+            image_scores = self._reweighted(embedding, scores, rows[:, 0].view(b, p, d))
+        else:
+            image_scores = scores.amax(1)
+        return upsample_and_blur(scores, grid, images.shape[-2:], self.blur_sigma), image_scores
+
+    def _reweighted(self, embedding: Tensor, patch_scores: Tensor, nearest_rows: Tensor) -> Tensor:
+        """``PatchCoreModel.reweighted_image_scores`` (Eq. 7) with the exportable search."""
+        top = patch_scores.argmax(1, keepdim=True)  # (B, 1)
+        pick = top.unsqueeze(-1).expand(-1, -1, embedding.shape[-1])
+        s_star = patch_scores.gather(1, top)[:, 0]  # s*
+        m_test = embedding.gather(1, pick)[:, 0]  # m_test*, (B, D)
+        m_star = nearest_rows.gather(1, pick)[:, 0]  # m*, its nearest bank row
+        _, _, support = self._search(m_star, min(self.reweight_neighbors, self.bank_size))  # N_b(m*)
+        d_star = (m_test - m_star).norm(dim=1)
+        d_support = (m_test.unsqueeze(1) - support).norm(dim=2)
+        return (1.0 - torch.exp(d_star - torch.logsumexp(d_support, dim=1))) * s_star

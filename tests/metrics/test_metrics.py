@@ -224,3 +224,32 @@ def test_one_class_raises_in_functional_api():
         average_precision([0.1, 0.2], [0, 0])
     with pytest.raises(ValueError, match="NaN"):
         f1_max([0.1, np.nan], [0, 1])
+
+
+def test_curve_points_are_the_curves_the_numbers_come_from():
+    """compute_metrics(curves=...) hands out the exact ROC / PRO polylines: their trapezoid areas
+    are the reported AUROCs and AU-PRO, with ties in the scores."""
+    from sklearn.metrics import roc_auc_score
+
+    from iad_lightning.metrics import compute_metrics
+
+    rng = np.random.default_rng(4)
+    labels = np.array([1, 1, 0, 0, 1, 0, 0, 1])
+    scores = np.round(rng.normal(size=8) + labels, 1)
+    maps = np.round(rng.random((8, 24, 24)), 2)
+    masks = np.zeros((8, 24, 24), dtype=bool)
+    masks[0, 2:9, 3:8] = masks[1, 10:20, 10:14] = masks[4, 0:3, 0:24] = True
+    maps[masks] += 0.25
+    curves: dict = {}
+    m = compute_metrics(scores, labels, maps, masks, curves=curves)
+    for key, metric in (("image_roc", "image_auroc"), ("pixel_roc", "pixel_auroc")):
+        fpr, tpr = curves[key]
+        assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1) and np.all(np.diff(fpr) >= 0)
+        assert np.trapezoid(tpr, fpr) == pytest.approx(m[metric], abs=1e-12)
+    assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    fpr, pro = curves["pixel_pro"]
+    assert fpr[-1] == pytest.approx(0.3) and curves["fpr_limit"] == 0.3
+    assert np.trapezoid(pro, fpr) / 0.3 == pytest.approx(m["pixel_aupro"], abs=1e-12)
+    none: dict = {}
+    compute_metrics(scores, labels, curves=none)
+    assert set(none) == {"image_roc"}  # no masks: no pixel curves

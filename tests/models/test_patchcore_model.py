@@ -399,3 +399,38 @@ def test_unfold_accepts_channels_last_maps():
 
     x = torch.randn(2, 5, 7, 7)
     assert torch.equal(_unfold_components(x), _unfold_components(x.to(memory_format=torch.channels_last)))
+
+
+def test_exportable_knn_equals_faiss_over_several_bank_chunks():
+    """The matmul + topk search of the export graph, the bank split into uneven chunks, returns
+    faiss IndexFlatL2's neighbours and the refined eager distances."""
+    from iad_lightning.models.nn_search import exportable_knn
+
+    g = torch.Generator().manual_seed(3)
+    bank, queries = torch.randn(1000, 48, generator=g) * 4, torch.randn(257, 48, generator=g) * 4
+    queries[:5] = bank[[3, 400, 999, 0, 512]]  # exact hits: distance 0 without cancellation error
+    backend = "faiss" if nn_search_module.faiss_available() else "torch"
+    ref_d, ref_i = NearestNeighbourSearch(backend=backend).fit(bank).search(queries, k=4)
+    for chunk in (1000, 333, 64):  # 1, 4 and 16 chunks (the last ones shorter)
+        rows_per_chunk = bank.split(chunk)
+        d, i, rows = exportable_knn(queries, [r.t() for r in rows_per_chunk], [(r * r).sum(1) for r in rows_per_chunk], 4)
+        assert torch.equal(i, ref_i), chunk
+        torch.testing.assert_close(d, ref_d, rtol=1e-6, atol=1e-6)
+        assert torch.equal(rows, bank[i])
+    assert float(d[:5, 0].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("k, reweight", [(1, False), (3, True)])
+def test_inference_graph_equals_the_faiss_model(k, reweight):
+    from iad_lightning.models.patchcore import PatchCoreInference
+
+    model = _small_model(num_neighbors=k, paper_reweighting=reweight, reweight_neighbors=5).eval()
+    emb, _ = model.embed(_small_feats(4, seed=0))
+    model.fit(emb.reshape(-1, 32)[::2].clone())
+    graph = PatchCoreInference(lambda images: _small_feats(images.shape[0], seed=1), model, bank_chunk=50)
+    images = torch.zeros(2, 3, 64, 64)
+    with torch.no_grad():
+        ref_map, ref_score = model.predict(_small_feats(2, seed=1), (64, 64))
+        got_map, got_score = graph(images)
+    torch.testing.assert_close(got_map, ref_map, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_score, ref_score, rtol=1e-5, atol=1e-5)

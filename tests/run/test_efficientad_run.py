@@ -8,7 +8,8 @@ a few steps is all the budget allows, so this teacher is close to its random ini
 Budget: teacher ``TEACHER_STEPS`` steps, EfficientAD ``STEPS`` steps at ``LR``; everything else is
 the paper's method, the ST and AE maps averaged included. The run is deterministic. Measured image
 AUROC (pixel AUROC) on fabric at lr 3e-4: 150 steps 0.917 (0.772), 200 steps 0.944 (0.874), 250
-steps 0.944 (0.868); the training run takes ~90 s here. At lr 1e-3 the figures jumped between
+steps 0.944 (0.868); the training run takes ~90 s here. With the epoch-seeded train order
+(data/sampler.py, for exact resume) 200 steps measure 0.917 (0.846). At lr 1e-3 the figures jumped between
 0.875 and 0.938 for 40-100 steps, hence the lower lr and more steps. If a change lowers the
 AUROC, raise STEPS before touching the threshold.
 """

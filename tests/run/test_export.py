@@ -1,4 +1,5 @@
-"""python -m iad_lightning.export: ONNX / TorchScript graphs equal the eager EfficientAD model."""
+"""python -m iad_lightning.export: ONNX / TorchScript graphs equal the eager EfficientAD, PatchCore and UniAD
+models."""
 
 import subprocess
 import sys
@@ -93,21 +94,79 @@ def test_onnx_export_equals_eager_with_a_dynamic_batch(ckpt, eager, tmp_path):
     _rel_close(torch.from_numpy(got_score), score)
 
 
-def test_patchcore_cannot_be_exported(tmp_path, capsys):
-    from iad_lightning.methods.patchcore import PatchCore
+LITE0 = {"name": "tf_efficientnet_lite0", "layers": [2, 3], "weights": "none"}
 
-    cfg = {"_target_": "iad_lightning.methods.patchcore.PatchCore", "_convert_": "all",
-           "backbone": {"name": "tf_efficientnet_lite0", "layers": [2, 3], "weights": "none"}}
-    method = PatchCore(backbone=cfg["backbone"])
+
+def _save(method, cfg: dict, path: Path) -> Path:
     method.method_config = cfg
     checkpoint = {"state_dict": method.state_dict()}
     method.on_save_checkpoint(checkpoint)
-    path = tmp_path / "pc.ckpt"
     torch.save(checkpoint, path)
+    return path
+
+
+def _patchcore(tmp_path: Path, fitted: bool = True) -> tuple[Path, object]:
+    from iad_lightning.methods.patchcore import PatchCore
+
+    torch.manual_seed(0)
+    kwargs = {"backbone": LITE0, "resize": SIZE, "crop": SIZE, "pretrain_embed_dimension": 128,
+              "target_embed_dimension": 128, "num_neighbors": 3, "paper_reweighting": True}
+    method = PatchCore(**kwargs).eval()
+    if fitted:  # a bank of perturbed train patches, as a coreset would hold
+        with torch.no_grad():
+            emb, _ = method.model.embed(method.feature_extractor(torch.randn(4, 3, SIZE, SIZE)))
+        rows = emb.reshape(-1, 128)[::2]
+        method.model.fit(rows + 0.05 * torch.randn_like(rows))
+    cfg = {"_target_": "iad_lightning.methods.patchcore.PatchCore", "_convert_": "all", **kwargs}
+    return _save(method, cfg, tmp_path / "pc.ckpt"), method
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")
+def test_patchcore_exports_with_the_bank_and_equals_faiss(tmp_path):
+    """k = 3 neighbours and the paper's re-weighting: the graph's matmul search reproduces the
+    eager faiss model (ONNX with a free batch, TorchScript), bank and blur inside the file."""
+    ort = pytest.importorskip("onnxruntime")
+    path, method = _patchcore(tmp_path)
+    images = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = method.predict_batch(images)  # faiss IndexFlatL2 (torch fallback without faiss)
+    assert main([f"ckpt_path={path}", "format=onnx", f"output={tmp_path / 'pc.onnx'}", "dynamic_batch=true"]) == 0
+    session = ort.InferenceSession(str(tmp_path / "pc.onnx"), providers=["CPUExecutionProvider"])
+    got_map, got_score = session.run(["anomaly_map", "pred_score"], {"image": images.numpy()})
+    _rel_close(torch.from_numpy(got_map), ref["anomaly_map"])
+    _rel_close(torch.from_numpy(got_score), ref["pred_score"])
+    assert main([f"ckpt_path={path}", "format=torchscript", "batch_size=3"]) == 0
+    loaded = torch.jit.load(str(path.with_suffix(".pt")), map_location="cpu")
+    with torch.no_grad():
+        got_map, got_score = loaded(images)[:2]  # + the two thresholds
+    _rel_close(got_map, ref["anomaly_map"])
+    _rel_close(got_score, ref["pred_score"])
+
+
+def test_unfitted_patchcore_says_why_it_cannot_be_exported(tmp_path, capsys):
+    path, _ = _patchcore(tmp_path, fitted=False)
     assert main([f"ckpt_path={path}", "format=onnx", f"output={tmp_path / 'pc.onnx'}"]) == 1
-    err = capsys.readouterr().err
-    assert "PatchCore cannot be exported" in err
+    assert "empty memory bank" in capsys.readouterr().err
     assert not (tmp_path / "pc.onnx").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_uniad_exports_through_the_command(tmp_path, fmt, capsys):
+    from iad_lightning.methods.uniad import UniAD
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    kwargs = {"backbone": {**LITE0, "layers": [0, 1, 2, 3]}, "image_size": SIZE, "hidden_dim": 32, "nhead": 4,
+              "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 64, "neighbor_size": [3, 3],
+              "score_kernel": 4}
+    method = UniAD(**kwargs).eval()
+    path = _save(method, {"_target_": "iad_lightning.methods.uniad.UniAD", "_convert_": "all", **kwargs},
+                 tmp_path / "uniad.ckpt")
+    assert main([f"ckpt_path={path}", f"format={fmt}", "batch_size=2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"exported UniAD ({fmt}" in printed and "max abs diff vs eager" in printed
 
 
 def test_bad_arguments_fail_clearly(tmp_path):

@@ -1,4 +1,4 @@
-"""Every logger gets the metrics; those that take images get the anomaly-map grids."""
+"""Every logger gets the metrics; those that take images get the anomaly-map grids and the curve plots."""
 
 import json
 from pathlib import Path
@@ -28,6 +28,7 @@ def test_tensorboard_scalars_images_and_table(logged):
     tags = acc.Tags()
     assert "test/bottle/image_auroc" in tags["scalars"]
     assert "anomaly_maps/bottle" in tags["images"]
+    assert {"plots/bottle_roc", "plots/bottle_pro", "plots/metrics"} <= set(tags["images"])  # curve plots too
     assert any("results" in t for t in tags["tensors"])  # the markdown table as text
 
 
@@ -48,5 +49,6 @@ def test_mlflow_local_store_has_metrics_and_artifacts(logged):
     assert "test/mean/image_auroc" in mlrun.data.metrics
     artifacts = {p.name for p in (logged / "mlartifacts").rglob("*") if p.is_file()}
     assert {"bottle.png", "results.md", "results.json"} <= artifacts
+    assert {"bottle_roc.png", "bottle_pro.png", "metrics.png"} <= artifacts  # the curve plots
     saved = json.loads(next((logged / "mlartifacts").rglob("results.json")).read_text())
     assert set(saved) == {"categories", "mean", "crop_check", "calibrated"}
