@@ -594,3 +594,72 @@ class ResidualProjectorExtractor(nn.Module):
                                "with k-shot normal images (the method does it in setup) before predicting")
         res = residual_features(feats, banks)
         return self.projector(res, self.levels)
+
+
+# ------------------------------------------------------------------------------ pretraining model
+class ADPretrainModel(nn.Module):
+    """The pretraining graph: frozen backbone, residuals against per-image banks, the projector
+    and the summed loss L = sum_l [L_angle(e1, e2, m1, c_l) + L_norm(e1, m2) + L_norm(e2, m2)].
+
+    ``centers`` (buffers ``center_l1..4``, (C_l,)) are the mean normal residuals (spec section 5),
+    set by the method before training with ``set_centers``.
+    """
+
+    def __init__(self, backbone: LevelBackbone, num_heads: int | Sequence[int] | None = 16,
+                 num_ref_tokens: int = 2048, num_layers: int = 1, tau: float = 0.15, r_max: float = 0.4,
+                 margin: float = 0.75, angle_chunk_elems: int = 1 << 24) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = MultiScaleProjector(backbone.channels, num_heads, num_ref_tokens, num_layers)
+        self.tau, self.r_max, self.margin, self.angle_chunk_elems = tau, r_max, margin, angle_chunk_elems
+        for k, c in enumerate(backbone.channels, start=1):
+            self.register_buffer(f"center_l{k}", torch.zeros(c))
+
+    @property
+    def centers(self) -> list[Tensor]:
+        return [getattr(self, f"center_l{k}") for k in range(1, 5)]
+
+    def set_centers(self, centers: Sequence[Tensor]) -> None:
+        for k, c in enumerate(centers, start=1):
+            getattr(self, f"center_l{k}").copy_(c.to(getattr(self, f"center_l{k}")))
+
+    def train(self, mode: bool = True) -> "ADPretrainModel":
+        super().train(mode)
+        self.backbone.train(False)
+        return self
+
+    def residuals(self, images: Tensor, banks: Sequence[Tensor]) -> list[Tensor]:
+        """Residual maps of ``images`` against per-image banks (B, K, C_l) or shared (K, C_l)."""
+        return residual_features(self.backbone(images), banks)
+
+    def loss(self, view1: Tensor, view2: Tensor, mask: Tensor, banks: Sequence[Tensor]) -> tuple[Tensor, dict]:
+        """Total loss and its per-term sums (detached) for two views sharing ``mask`` (B, 1, H, W)."""
+        e1s = self.projector(self.residuals(view1, banks))
+        e2s = self.projector(self.residuals(view2, banks))
+        total = view1.new_zeros((), dtype=torch.float32)
+        parts = {"angle": 0.0, "norm": 0.0}
+        for e1, e2, center in zip(e1s, e2s, self.centers):
+            grid = tuple(e1.shape[-2:])
+            m1 = patchify_mask(mask, grid).reshape(-1)
+            m2 = downsample_mask(mask, grid).reshape(-1)
+            f1 = e1.permute(0, 2, 3, 1).reshape(-1, e1.shape[1]).float()
+            f2 = e2.permute(0, 2, 3, 1).reshape(-1, e2.shape[1]).float()
+            la = angle_loss(f1, f2, m1, center, self.tau, self.angle_chunk_elems)
+            if not torch.isfinite(la):  # no patch of one label at this level (authors: set to 0)
+                la = la.new_zeros(())
+            ln = norm_loss(f1, m2, self.r_max, self.margin) + norm_loss(f2, m2, self.r_max, self.margin)
+            total = total + la + ln
+            parts["angle"] += float(la.detach())
+            parts["norm"] += float(ln.detach())
+        return total, parts
+
+
+class FeatureNormInference(nn.Module):
+    """Exportable FeatureNorm graph: images -> (anomaly_map (B, 1, H, W), pred_score (B,))."""
+
+    def __init__(self, extractor: ResidualProjectorExtractor, blur_sigma: float = 4.0) -> None:
+        super().__init__()
+        self.extractor, self.blur_sigma = extractor, blur_sigma
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return feature_norm(self.extractor(images), images.shape[-2:], self.blur_sigma)
