@@ -150,6 +150,7 @@ class LevelBackbone(nn.Module):
         if spec.kind == "cnn":
             self.cnn = FeatureExtractor(spec.timm_name, self.levels, weights=weights, mean=mean, std=std)
             self.channels = list(self.cnn.channels)
+            self.reductions = list(self.cnn.reductions)
             self.mean, self.std = self.cnn.mean, self.cnn.std
             self.vit = None
         else:
@@ -160,6 +161,7 @@ class LevelBackbone(nn.Module):
             del self.vit.blocks[max(self.levels) + 1:]  # later blocks are never used
             self.channels = [vit.embed_dim] * 4
             self.patch_size = vit.patch_embed.patch_size[0]
+            self.reductions = [self.patch_size] * 4
             self.mean = tuple(mean if mean is not None else spec.mean)
             self.std = tuple(std if std is not None else spec.std)
 
@@ -550,6 +552,7 @@ class ResidualProjectorExtractor(nn.Module):
             raise ConfigError(f"projector channels {projector.channels} do not match backbone '{backbone.name}' "
                               f"channels {backbone.channels}")
         self.channels = [backbone.channels[k] for k in self.levels]
+        self.reductions = [backbone.reductions[k] for k in self.levels]
         self.mean, self.std = backbone.mean, backbone.std
         for k in self.levels:
             self.register_buffer(f"bank_l{k + 1}", torch.empty(0, backbone.channels[k]))

@@ -66,24 +66,24 @@ def test_featurenorm_and_padim_export_graphs(projector_path):
     from iad_lightning.methods.padim import PaDiM
 
     lite0 = {"name": "tf_efficientnet_lite0", "weights": "lite0", "layers": [1, 2, 3]}
-    refs = torch.randn(2, 3, 64, 64)
-    images = torch.randn(2, 3, 64, 64)
-    fn = FeatureNorm(lite0, projector=str(projector_path), image_size=64).eval()
+    refs = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, 3, 32, 32)
+    fn = FeatureNorm(lite0, projector=str(projector_path), image_size=32).eval()
     fn.feature_extractor.set_bank(refs)
     amap, score = fn.export_module()(images)  # tracing it costs ~50 s here; the export path has its own tests
     torch.testing.assert_close(amap, fn.predict_batch(images)["anomaly_map"])
     assert score.shape == (2,)
     for projector in (None, str(projector_path)):
         with pytest.warns(UserWarning, match="all 176 are used") if projector is None else _nothing():
-            pd = PaDiM(lite0, projector=projector, resize=64, crop=64).eval()
+            pd = PaDiM(lite0, projector=projector, resize=32, crop=32).eval()
         if projector is not None:
             pd.features.extractor.set_bank(refs)
-        pd.model.fit(pd.features(torch.randn(4, 3, 64, 64)))
+        pd.model.fit(pd.features(torch.randn(3, 3, 32, 32)))
         assert pd.model.groups == (1 if projector is None else 4)
         out = pd.predict_batch(images)
         exported = pd.export_module()(images)
         torch.testing.assert_close(exported[0], out["anomaly_map"])
-        assert out["anomaly_map"].shape == (2, 1, 64, 64) and torch.isfinite(out["pred_score"]).all()
+        assert out["anomaly_map"].shape == (2, 1, 32, 32) and torch.isfinite(out["pred_score"]).all()
 
 
 class _nothing:
