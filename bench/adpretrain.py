@@ -1,7 +1,8 @@
 """Benchmark: ADPretrain pretraining offline, then PatchCore / PaDiM / FeatureNorm on real MVTec screw
 with and without the projector, side by side.
 
-    python bench/adpretrain.py [--epochs 3] [--image-size 128] [--batch 8] [--ref-tokens 2048]
+    python bench/adpretrain.py [--epochs 1] [--image-size 128] [--batch 8] [--ref-tokens 2048]
+        [--max-batches N] [--center-images N]
         [--data-root ../shared/data] [--out /tmp/adpretrain_bench]
 
 1. Pretraining (``method=adpretrain`` through the Python API, ``backbone=lite0``, the offline
@@ -73,17 +74,24 @@ def pretrain(args, out: Path) -> dict:
         backbone=LITE0,
         model=functools.partial(ADPretrainModel, num_ref_tokens=args.ref_tokens),
         image_size=args.image_size, cache_references=True, projector_path=str(out / "projector.pt"),
+        center_max_images=args.center_images,
     )
     dm.preprocess = model.preprocess
+    class Progress(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx % 5 == 0:
+                print(f"  epoch {trainer.current_epoch} batch {batch_idx}: {time.perf_counter() - t0:.0f} s", flush=True)
+
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, default_root_dir=str(out))
+                        enable_progress_bar=False, default_root_dir=str(out), callbacks=[Progress()],
+                        limit_train_batches=args.max_batches)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - t0
     n_fit = len(dm.fit_records())
     return {
         "fit_images": n_fit, "reference_pool": len(dm.index_records()["train"]), "epochs": args.epochs,
-        "seconds": seconds, "images_per_s": model.images_seen / seconds, "images_seen": model.images_seen,
+        "seconds": seconds, "images_per_s": model.images_seen / seconds, "batches": args.max_batches, "images_seen": model.images_seen,
         "skipped_batches": model.skipped_batches,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "final_loss": float(trainer.callback_metrics.get("train/loss_epoch", float("nan"))),
@@ -123,10 +131,12 @@ def downstream(args, name: str, projector: str | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--ref-tokens", type=int, default=2048)
+    parser.add_argument("--max-batches", type=int, default=None, help="pretraining batches per epoch (default all)")
+    parser.add_argument("--center-images", type=int, default=None, help="normal images for the centres (default all)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--out", type=Path, default=Path("/tmp/adpretrain_bench"))
     parser.add_argument("--projector", type=str, default=None, help="skip pretraining, use this file")

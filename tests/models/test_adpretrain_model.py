@@ -158,3 +158,23 @@ def test_lite0_stand_in_levels():
     bb = LevelBackbone("lite0", weights="lite0", layers=[2, 3])  # a method's extra keys are ignored
     assert bb.channels == [24, 40, 112, 320]
     assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 64, 64))] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_pretraining_loss_sets_missing_negatives_to_zero_and_trains_only_the_projector():
+    from iad_lightning.models.adpretrain import ADPretrainModel
+
+    torch.manual_seed(0)
+    model = ADPretrainModel(LevelBackbone("lite0", weights="lite0"), num_ref_tokens=8)
+    views = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    banks = [b.expand(2, -1, -1) for b in
+             [f.permute(0, 2, 3, 1).reshape(1, -1, f.shape[1]) for f in model.backbone(torch.randn(1, 3, 32, 32))]]
+    normal = torch.zeros(2, 1, 32, 32)
+    loss, parts = model.loss(*views, normal, banks)
+    assert parts["angle"] == 0.0 and torch.isfinite(loss)  # no abnormal patch: angle terms -inf -> 0
+    mask = normal.clone()
+    mask[0, :, :16, :16] = 1
+    loss, parts = model.loss(*views, mask, banks)
+    loss.backward()
+    assert parts["angle"] != 0.0 and torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.projector.parameters())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
