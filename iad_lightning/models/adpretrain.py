@@ -279,9 +279,24 @@ class AttentionLayer(nn.Module):
         self.cross_attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
         self.mlp = ProjectorMLP(channels)
 
+    def attend(self, x: Tensor, refs: Tensor) -> Tensor:
+        """``cross_attn(x, refs, refs)`` with the key / value projections of the (1, N_r, C) reference
+        tokens computed once, not once per image as ``nn.MultiheadAttention`` does with broadcast
+        keys (at C = 768, N_r = 2048, batch 32 that is ~77 GFLOP per level saved). Same weights and
+        numbers (tested against ``nn.MultiheadAttention``)."""
+        attn = self.cross_attn
+        b, length, c = x.shape
+        heads = attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        q = F.linear(x, w_q, b_q).view(b, length, heads, c // heads).transpose(1, 2)
+        k = F.linear(refs, w_k, b_k).view(1, -1, heads, c // heads).transpose(1, 2).expand(b, -1, -1, -1)
+        v = F.linear(refs, w_v, b_v).view(1, -1, heads, c // heads).transpose(1, 2).expand(b, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, c)
+        return attn.out_proj(out)
+
     def forward(self, x: Tensor, refs: Tensor) -> Tensor:
-        refs = refs.expand(x.shape[0], -1, -1)
-        x1 = x - self.cross_attn(x, refs, refs, need_weights=False)[0]
+        x1 = x - self.attend(x, refs)  # subtractive residual
         return self.mlp(x1) + x1
 
 

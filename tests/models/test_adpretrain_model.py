@@ -34,6 +34,10 @@ def test_projector_shapes_param_count_and_bf16():
         assert torch.isfinite(proj(x)).all()
     assert [SqueezeExcite(4 * c).fc1.out_features for c in (768, 1024, 1280)] == [192, 256, 320]
     assert not any("norm" in k.lower() for k in proj.state_dict())  # no LayerNorm anywhere
+    layer, tokens = proj.layers[0], x.flatten(2).transpose(1, 2)
+    refs = proj.ref_proj(proj.x_ref)
+    reference = layer.cross_attn(tokens, refs.expand(2, -1, -1), refs.expand(2, -1, -1), need_weights=False)[0]
+    torch.testing.assert_close(layer.attend(tokens, refs), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_residual_is_zero_for_self_and_minus_f_for_2f():
