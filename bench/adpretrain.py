@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--out", type=Path, default=Path("/tmp/adpretrain_bench"))
     parser.add_argument("--projector", type=str, default=None, help="skip pretraining, use this file")
+    parser.add_argument("--methods", type=str, default="patchcore,padim,featurenorm")
     args = parser.parse_args()
     if not (args.data_root / "mvtec_screw").is_dir() or not (args.data_root / "kolektorsdd_commutator").is_dir():
         print(f"bench/adpretrain.py: {args.data_root} lacks mvtec_screw / kolektorsdd_commutator; nothing to do")
@@ -152,12 +153,12 @@ def main() -> None:
         projector = str(args.out / "projector.pt")
         print("pretrain:", json.dumps(report["pretrain"]), flush=True)
     rows = []
-    for name in ("patchcore", "padim", "featurenorm"):
+    for name in args.methods.split(","):
         for proj in (None, projector):
             rows.append(downstream(args, name, proj))
             print(json.dumps(rows[-1]), flush=True)
     report["downstream"] = rows
-    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"results_{args.methods.replace(',', '_')}.json").write_text(json.dumps(report, indent=1))
     print("\n| method | projector | I-AUROC | P-AUROC | AUPRO | fit s | predict s |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         cells = [f"{100 * r[k]:.1f}" if r[k] is not None else "-" for k in ("image_auroc", "pixel_auroc", "aupro")]

@@ -76,7 +76,11 @@ class PaDiMModel(nn.Module):
             for s in range(0, h * w, self.chunk):
                 xc = (x[s:s + self.chunk] - mean[s:s + self.chunk, None]).double()
                 cov = xc.transpose(1, 2) @ xc / (n - 1) + self.eps * eye  # np.cov (unbiased) + 0.01 I
-                cov_inv[s:s + self.chunk] = torch.linalg.inv(cov).float()
+                chol, info = torch.linalg.cholesky_ex(cov)  # SPD (eps * I): Cholesky, stabler than LU
+                if bool((info > 0).any()) or not bool(torch.isfinite(cov).all()):
+                    raise ValueError("PaDiMModel.fit: a covariance is not positive definite or not finite "
+                                     "(non-finite features?); raise eps")
+                cov_inv[s:s + self.chunk] = torch.cholesky_inverse(chol).float()
             setattr(self, f"mean_{g}", mean.float().contiguous().to(self.grid_sizes.device))
             setattr(self, f"cov_inv_{g}", cov_inv.to(self.grid_sizes.device))
             self.grid_sizes[g] = torch.tensor([h, w])
