@@ -60,12 +60,15 @@ class PatchCore(AnomalyModule):
         coreset_device: str = "auto",
         seed: int = 0,
         resize_backend: str = "pil",
+        projector: str | None = None,
+        projector_shots: int = 8,
+        projector_levels: list[int] = (1, 2, 3),
     ) -> None:
         super().__init__()
         if not 0.0 < coreset_ratio <= 1.0:
             raise ConfigError(f"method.coreset_ratio={coreset_ratio} must be in (0, 1]")
         self.save_hyperparameters()
-        self.feature_extractor = FeatureExtractor(**backbone)
+        self.feature_extractor = self._feature_source(backbone, projector, projector_levels)
         try:  # "auto": the paper's 1024/1024 unless a layer would be stretched (see the function)
             pretrain_dims, target_dim = resolve_embed_dimensions(
                 pretrain_embed_dimension, target_embed_dimension, self.feature_extractor.channels, patch_size)
@@ -83,6 +86,23 @@ class PatchCore(AnomalyModule):
         )
         self.automatic_optimization = False
         self._fit: _StreamingBank | None = None
+
+    def _feature_source(self, backbone: dict[str, Any], projector: str | None, levels: list[int]) -> torch.nn.Module:
+        """The backbone maps PatchCore embeds; with ``projector`` (ADPretrain, spec section 7) the
+        projected residuals of the last 3 levels against a k-shot train good bank instead."""
+        if projector is None:
+            return FeatureExtractor(**backbone)
+        from iad_lightning.methods._projector import build_extractor
+
+        extractor, self._bank_image_size = build_extractor(backbone, projector, levels)
+        return extractor
+
+    def on_train_start(self) -> None:
+        if self.hparams.projector is not None:  # the reference bank of the residuals
+            from iad_lightning.methods._projector import set_kshot_bank
+
+            set_kshot_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
+                           self.hparams.projector_shots, self.hparams.seed, self._bank_image_size, self.device)
 
     @property
     def preprocess(self) -> Preprocess:

@@ -63,10 +63,17 @@ class UniAD(AnomalyModule):
         cache_device: str = "auto",
         official_checkpoint: str | None = None,
         resize_backend: str = "pil",
+        projector: str | None = None,
+        projector_shots: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.feature_extractor = FeatureExtractor(**backbone)
+        if projector is None:
+            self.feature_extractor = FeatureExtractor(**backbone)
+        else:  # ADPretrain (spec section 7): the 4 projected residual levels, concatenated (4C channels)
+            from iad_lightning.methods._projector import build_extractor
+
+            self.feature_extractor, self._bank_image_size = build_extractor(backbone, projector, (0, 1, 2, 3))
         stride = max(self.feature_extractor.reductions)
         if image_size % stride:
             raise ConfigError(f"method.image_size={image_size} must be a multiple of the backbone's stride {stride}")
@@ -121,6 +128,11 @@ class UniAD(AnomalyModule):
                        f"({len(ignored)} official backbone tensors ignored: the backbone is timm's)")
 
     def on_fit_start(self) -> None:
+        if self.hparams.projector is not None:  # the k-shot reference bank, before any feature is cached
+            from iad_lightning.methods._projector import set_kshot_bank
+
+            set_kshot_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
+                           self.hparams.projector_shots, 0, self._bank_image_size, self.device)
         self._cache.clear()
         self.cache_hits = self.cache_misses = 0
 

@@ -1,0 +1,65 @@
+"""ADPretrain through train.py as a user runs it: pretrain on synthetic data (Lite0 stand-in,
+labelled test split), then PatchCore with the projector the run wrote
+(and its checkpoint rebuilt as test.py does). Tiny sizes (64 px, 32 reference tokens, 1 epoch): the
+test pins the plumbing, not accuracy (bench/adpretrain.py measures that)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_entrypoints import run  # noqa: E402
+
+DATA = [
+    "backbone=lite0",
+    "data.category=gear",
+    "data.options.n_train=4",
+    "data.options.n_test_good=2",
+    "data.options.n_test_defect=4",
+    "data.batch_size=4",
+    "trainer.accelerator=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def projector(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adpretrain")
+    run("train.py", "method=adpretrain", *DATA, "data.fit_split=test", "method.image_size=64",
+        "method.model.num_ref_tokens=32", "trainer.max_epochs=1", "method.cache_references=true",
+        f"hydra.run.dir={out}")
+    return out / "projector.pt"
+
+
+def test_pretraining_writes_a_safe_projector_file(projector):
+    blob = torch.load(projector, map_location="cpu", weights_only=True)
+    assert blob["backbone"] == "tf_efficientnet_lite0" and blob["levels"] == [1, 2, 3, 4]
+    assert blob["image_size"] == 64 and blob["channels"] == [24, 40, 112, 320]
+    assert [tuple(c.shape) for c in blob["centers"]] == [(24,), (40,), (112,), (320,)]
+    assert any(float(c.abs().sum()) > 0 for c in blob["centers"])  # centres were computed
+    assert blob["projectors"]["l1_proj.x_ref"].shape == (1, 32, 24)
+
+
+def test_patchcore_with_the_projector_and_test_py(projector, tmp_path):
+    out = tmp_path / "pc"
+    run("train.py", "method=patchcore", *DATA, f"method.projector={projector}", "method.resize=64",
+        "method.crop=64", "method.coreset_ratio=0.5", "callbacks.visualizer.n_images=1", f"hydra.run.dir={out}")
+    res = json.loads((out / "results.json").read_text())
+    assert res["mean"]["image_auroc"] is not None and res["mean"]["pixel_aupro"] is not None
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert state["feature_extractor.bank_l2"].shape == (4 * 64, 40)  # 4 shots (all train images) x 8x8 grid
+    assert "feature_extractor.projector.l2_proj.x_ref" in state and "feature_extractor.bank_l1" not in state
+    from iad_lightning.checkpoint import load_method  # what test.py does: rebuild without re-fitting
+
+    reloaded = load_method(out / "checkpoints" / "last.ckpt")
+    assert torch.equal(reloaded.feature_extractor.bank_l4, state["feature_extractor.bank_l4"])
+
+
+def test_backbone_mismatch_is_a_clear_error(projector):
+    from iad_lightning.errors import ConfigError
+    from iad_lightning.methods.featurenorm import FeatureNorm
+
+    with pytest.raises(ConfigError, match="method.backbone.name=tf_efficientnet_lite0"):
+        FeatureNorm({"name": "clip-base", "weights": "none"}, projector=str(projector))
