@@ -42,6 +42,7 @@ def _build(
         extra["strategy"] = resolved  # plain "ddp" (and ddp_spawn, ...) -> AnomalyDDPStrategy
     trainer = instantiate(
         cfg.trainer,
+        **extra,
         callbacks=[*extra_callbacks, *_instantiate_group(cfg.get("callbacks")), RNGState()],
         logger=loggers or False,
         default_root_dir=cfg.paths.output_dir,
