@@ -268,7 +268,7 @@ class ADPretrain(AnomalyModule):
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:  # model selection: the last epoch (default)
             path = self.projector_output()
-            self._save(path, {"epochs": self.current_epoch + 1})
+            self._save(path, {"epochs": self.current_epoch})  # after training: the epochs completed
             self.print(f"ADPretrain: projector written to {path} ({self.skipped_batches} batches without "
                        "an abnormal image skipped)")
 

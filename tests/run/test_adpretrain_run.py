@@ -29,8 +29,30 @@ def projector(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adpretrain")
     run("train.py", "method=adpretrain", *DATA, "data.fit_split=test", "method.image_size=64",
         "method.model.num_ref_tokens=32", "trainer.max_epochs=1", "method.cache_references=true",
+        # the authors' test-set model selection, a named option (off by default): on another category
+        "method.selection={format:synthetic,root:${data.root},category:wood,options:${data.options},"
+        "metric:image_auroc,shots:2}",
         f"hydra.run.dir={out}")
     return out / "projector.pt"
+
+
+def test_selection_option_writes_the_selected_projector_next_to_the_last_epoch(projector):
+    best = torch.load(projector.with_name("projector_best.pt"), map_location="cpu", weights_only=True)
+    last = torch.load(projector, map_location="cpu", weights_only=True)
+    assert set(best["selection"]) == {"image_auroc"} and 0.0 <= best["selection"]["image_auroc"] <= 1.0
+    assert "selection" not in last and last["epochs"] == best["epochs"] == 1  # the default stays the last epoch
+
+
+def test_uniad_with_the_projector_concatenates_the_four_levels(projector, tmp_path):
+    out = tmp_path / "uniad"
+    run("train.py", "method=uniad", *DATA, f"method.projector={projector}", "method.image_size=64",
+        "method.neighbor_size=[1,1]", "trainer.max_epochs=1", "callbacks.visualizer.n_images=0",
+        f"hydra.run.dir={out}")
+    res = json.loads((out / "results.json").read_text())
+    assert res["mean"]["image_auroc"] is not None and res["mean"]["pixel_aupro"] is not None
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert state["model.input_proj.weight"].shape == (256, 24 + 40 + 112 + 320)  # 4 projected levels
+    assert state["feature_extractor.bank_l1"].shape == (4 * 16 * 16, 24)  # 4 shots x the 16x16 level-1 grid
 
 
 def test_pretraining_writes_a_safe_projector_file(projector):
