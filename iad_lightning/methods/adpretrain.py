@@ -94,7 +94,7 @@ class ADPretrain(AnomalyModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["model"])  # a partial (not safe to pickle); its config is in method_config
         self.model = model(backbone=LevelBackbone(**backbone))
         self.augment = moco_transform()
         self._rng = np.random.default_rng(seed)

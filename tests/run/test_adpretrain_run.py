@@ -62,6 +62,9 @@ def test_pretraining_writes_a_safe_projector_file(projector):
     assert [tuple(c.shape) for c in blob["centers"]] == [(24,), (40,), (112,), (320,)]
     assert any(float(c.abs().sum()) > 0 for c in blob["centers"])  # centres were computed
     assert blob["projectors"]["l1_proj.x_ref"].shape == (1, 32, 24)
+    # the run's own Lightning checkpoint (resume) is safe too: no pickled model factory in it
+    ckpt = torch.load(projector.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert "model" not in ckpt["hyper_parameters"]
 
 
 def test_patchcore_with_the_projector_and_test_py(projector, tmp_path):
