@@ -15,24 +15,19 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from efficientad import time_calls  # noqa: E402  (the shared bench timer)
 
 from iad_lightning.models.nn_search import NearestNeighbourSearch, faiss_available  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # build the index / warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls after one warm-up call (bench/efficientad.py's timer)."""
+    return statistics.median(time_calls(fn, torch.device("cpu"), warmup=1, repeats=repeats, budget_s=float("inf")))
 
 
 def main() -> None:
