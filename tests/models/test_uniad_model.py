@@ -380,3 +380,23 @@ def test_dropout_is_bernoulli_keep_with_inverse_scale_and_same_mask_in_backward(
     (g,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(g, kept.float() / 0.9)
     assert torch.equal(Dropout(0.1).eval()(x), x)
+
+
+def test_keep_mask_is_seeded_by_torch_and_keeps_with_probability_one_minus_p():
+    """The CPU mask (numpy SFC64 words seeded from torch's generator): torch.manual_seed fixes it,
+    successive draws differ, odd sizes work, the keep rate is 1 - p and neighbours (the two 32-bit
+    halves of one 64-bit word) are uncorrelated."""
+    from iad_lightning.models.uniad import keep_mask
+
+    torch.manual_seed(3)
+    a, b = keep_mask((7, 11, 13), 0.3, torch.device("cpu")), keep_mask((7, 11, 13), 0.3, torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((7, 11, 13), 0.3, torch.device("cpu")), a) and not torch.equal(a, b)
+    assert a.dtype == torch.bool and a.shape == (7, 11, 13)
+    n = 2_000_001
+    for p in (0.1, 0.5):
+        m = keep_mask((n,), p, torch.device("cpu")).double()
+        sigma = math.sqrt(p * (1 - p) / n)
+        assert abs(m.mean().item() - (1 - p)) < 5 * sigma
+        both = (m[0:-1:2] * m[1::2]).mean().item()  # P(keep, keep) of the halves of one word
+        assert abs(both - (1 - p) ** 2) < 5 * math.sqrt(2 / n)
