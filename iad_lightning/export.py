@@ -157,7 +157,13 @@ def inference_graph(method: Any) -> nn.Module:
     """The method's export module in eval mode on the CPU, with a tuple output and the thresholds."""
     module = method.export_module()  # raises ConfigError for methods that cannot be exported
     thr = {k: float(getattr(method, k, float("nan"))) for k in ("image_threshold", "pixel_threshold")}
-    return TupleOutputs(module, **thr).eval().to("cpu").requires_grad_(False)
+    from iad_lightning.models.backbones import FeatureExtractor
+
+    graph = TupleOutputs(module, **thr).eval().to("cpu").requires_grad_(False)
+    for sub in graph.modules():  # the batch-norm-folded backbones, as registered modules
+        if isinstance(sub, FeatureExtractor):
+            sub.fold_in_place()
+    return graph
 
 
 def export_metadata(method: Any) -> dict[str, str]:

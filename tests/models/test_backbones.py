@@ -74,3 +74,41 @@ def test_hub_offline_error_says_how_to_use_local_file(monkeypatch):
     with pytest.raises(WeightsError) as err:
         create_timm_model("resnet18.a1_in1k", "hub")
     assert "method.backbone.weights=/path/to" in str(err.value) and "backbone=lite0" in str(err.value)
+
+
+def _unfolded_features(fe: FeatureExtractor, x: torch.Tensor) -> list[torch.Tensor]:
+    wanted = sorted(set(fe.indices))
+    with torch.no_grad():
+        feats = fe.model.forward_intermediates(x, indices=wanted, intermediates_only=True, stop_early=True)
+    by_index = dict(zip(wanted, feats))
+    return [by_index[i] for i in fe.indices]
+
+
+@pytest.mark.parametrize("name, layers, weights", [
+    ("tf_efficientnet_lite0", [2, 3], "lite0"), ("resnet18", [2, 3], "none"), ("efficientnet_b0", [1, 2, 3], "none"),  # B4 (UniAD) has the same blocks
+])
+def test_batch_norms_folded_into_convs_give_the_same_features_and_keep_the_state_dict(name, layers, weights):
+    """FeatureExtractor runs a copy with every BN folded into its conv: the same features as the
+    timm model (random BN statistics where the weights are random), state-dict keys unchanged, and
+    a state-dict load or a dtype move refolds from the new weights."""
+    fe = FeatureExtractor(name, layers, weights=weights)
+    gen = torch.Generator().manual_seed(0)
+    if weights == "none":  # non-trivial statistics, else folding is close to the identity
+        for m in fe.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    keys = list(fe.state_dict())
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    for got, ref in zip(fe(x), _unfolded_features(fe, x)):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert list(fe.state_dict()) == keys and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fe.fused().modules())
+    state = {k: v * 1.5 if k.endswith("running_var") else v for k, v in fe.state_dict().items()}
+    fe.load_state_dict(state)  # new statistics: the folded copy is rebuilt from them
+    for got, ref in zip(fe(x), _unfolded_features(fe, x)):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    if name == "resnet18":
+        fe.double()
+        assert all(f.dtype == torch.float64 for f in fe(x.double()))
