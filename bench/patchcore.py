@@ -2,6 +2,7 @@
 
     python bench/patchcore.py [--datasets mvtec_screw kolektorsdd_commutator]
                               [--coreset-ratio 0.1] [--with-anomalib] [--resize-backend pil tensor]
+                              [--image-score max paper]
                               [--data-root ../shared/data] [--out /tmp/patchcore_bench.json]
     python bench/patchcore.py --render A.json [B.json ...]   # tables from saved results
 
@@ -18,7 +19,8 @@ function, ``iad_lightning.metrics.compute_metrics``, on each implementation's ra
   ``trainer.test`` are timed separately. ``--resize-backend`` (one or more of ``pil``, the
   official order and our default, and ``tensor``) runs ours once per value and per ``--dims``
   entry; columns are labelled ``ours <dims> <backend>``; result files written before the option
-  are ``tensor`` runs.
+  are ``tensor`` runs. ``--image-score max paper`` also runs ours with the paper's Eq. 7 image score
+  (``paper_reweighting=True``, anomalib's score; label suffix ``Eq.7``) besides the official max.
 * anomalib (``--with-anomalib``): ``bench/_anomalib_patchcore.py`` run by the Python of a
   separate venv (``--anomalib-python``, default ``/work/venvs/anomalib/bin/python``), see
   ``bench/README.md`` for its recipe. Same data folders, backbone, weights, normalisation,
@@ -72,7 +74,8 @@ def parse_dims(spec: str) -> tuple:
 
 
 def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int, seed: int,
-             dims: str = "auto/auto", search: dict | None = None, resize_backend: str = "pil") -> dict:
+             dims: str = "auto/auto", search: dict | None = None, resize_backend: str = "pil",
+             image_score: str = "max") -> dict:
     """One fit + test of our PatchCore in this (fresh) process; returns the measurements."""
     import warnings
 
@@ -110,6 +113,7 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
         target_embed_dimension=target,
         search=search,
         resize_backend=resize_backend,
+        paper_reweighting=image_score == "paper",
     )
     datamodule.preprocess = model.preprocess
     trainer = L.Trainer(
@@ -137,7 +141,9 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
     fe = model.feature_extractor
     return {
         "impl": "ours",
-        "label": f"ours {dims} {resize_backend}" + (f" {json.dumps(search, separators=(',', ':'))}" if search else ""),
+        "label": f"ours {dims} {resize_backend}" + (" Eq.7" if image_score == "paper" else "")
+                 + (f" {json.dumps(search, separators=(',', ':'))}" if search else ""),
+        "image_score": image_score,
         "dims": dims,
         "resize_backend": resize_backend,
         "embed_dims": [model.model.embedding.pretrain_embed_dimension, model.model.embedding.target_embed_dimension],
@@ -289,6 +295,9 @@ def main() -> None:
                         help="method.search options of ours as JSON, e.g. '{\"num_threads\": 1}'")
     parser.add_argument("--resize-backend", nargs="+", choices=("pil", "tensor"), default=["pil"],
                         help="ours: resize the 8-bit PIL image (official, default) and/or the float tensor")
+    parser.add_argument("--image-score", nargs="+", choices=("max", "paper"), default=["max"],
+                        help="ours: the official max patch score and/or the paper's Eq. 7 re-weighting "
+                             "(method.paper_reweighting=true; anomalib's score)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file (default /tmp/patchcore_bench_<host>.json)")
@@ -300,7 +309,7 @@ def main() -> None:
     if args.worker:  # inside the fresh subprocess
         search = json.loads(args.search) if args.search else None
         result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed,
-                          args.worker_dims, search, args.resize_backend[0])
+                          args.worker_dims, search, args.resize_backend[0], args.image_score[0])
         print(MARK + json.dumps(result), flush=True)
         return
     if args.render:
@@ -333,11 +342,13 @@ def main() -> None:
             r = run_subprocess(cmd, f"anomalib_{dataset}_{args.coreset_ratio}", log_dir, env)
             if r:
                 results.append(r)
-        runs = [] if args.skip_ours else [(d, b) for d in args.dims for b in args.resize_backend]
-        for dims, backend in runs:
+        runs = [] if args.skip_ours else [(d, b, s) for d in args.dims for b in args.resize_backend
+                                          for s in args.image_score]
+        for dims, backend, score in runs:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common,
-                   "--_worker-dims", dims, "--resize-backend", backend] + (["--search", args.search] if args.search else [])
-            tag = dims.replace('/', '-').replace(',', '_')
+                   "--_worker-dims", dims, "--resize-backend", backend, "--image-score", score] + (
+                       ["--search", args.search] if args.search else [])
+            tag = dims.replace('/', '-').replace(',', '_') + ("_eq7" if score == "paper" else "")
             r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}_{tag}_{backend}", log_dir, env)
             if r:
                 results.append(r)

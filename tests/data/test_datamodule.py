@@ -109,3 +109,22 @@ def test_fit_split_serves_labelled_test_images_and_warns_on_test(tmp_path):
     assert not plain.fits_on_test and [r.split for r in plain.fit_records()] == ["train"] * 4
     with pytest.raises(ConfigError, match="fit_split='val'"):
         _dm(root, fit_split="val")
+
+
+def test_items_are_built_with_one_intra_op_thread_and_the_count_is_restored(tmp_path, monkeypatch):
+    """The per-item tensor ops run single-threaded in the main process (an OpenMP team waiting for
+    a descheduled thread made them ~100x slower on a busy machine); the caller's count comes back."""
+    root = fx.make_mvtec(tmp_path / "mv")
+    dm = _dm(root, category="bottle")
+    dm.setup("test")
+    dataset = dm.dataset("test")
+    seen = []
+    apply = dataset.transform.apply
+    monkeypatch.setattr(dataset.transform, "apply", lambda *a: (seen.append(torch.get_num_threads()), apply(*a))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dataset[0]
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
