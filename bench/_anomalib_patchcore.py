@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--num-neighbors", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--resize", type=int, default=256)
-    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--crop", type=int, default=224, help="0: no crop, the image resized to a --resize square")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check-ours", action="store_true", help="also compare features with our FeatureExtractor")
     args = parser.parse_args()
@@ -182,7 +182,8 @@ def main() -> None:
             marks["test_end"] = time.perf_counter()
 
     L.seed_everything(args.seed, verbose=False)
-    geometry = Compose([Resize(args.resize, antialias=True), CenterCrop(args.crop)])  # shorter side, crop
+    geometry = (Compose([Resize(args.resize, antialias=True), CenterCrop(args.crop)]) if args.crop  # shorter side, crop
+                else Resize((args.resize, args.resize), antialias=True))  # no crop: square, like ours with crop=None
     model = BenchPatchcore(
         backbone="tf_efficientnet_lite0",
         layers=layers,

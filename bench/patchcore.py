@@ -75,7 +75,7 @@ def parse_dims(spec: str) -> tuple:
 
 def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int, seed: int,
              dims: str = "auto/auto", search: dict | None = None, resize_backend: str = "pil",
-             image_score: str = "max") -> dict:
+             image_score: str = "max", projection_dim: int | None = 128, crop: int | None = 224) -> dict:
     """One fit + test of our PatchCore in this (fresh) process; returns the measurements."""
     import warnings
 
@@ -114,6 +114,8 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
         search=search,
         resize_backend=resize_backend,
         paper_reweighting=image_score == "paper",
+        projection_dim=projection_dim,
+        crop=crop,
     )
     datamodule.preprocess = model.preprocess
     trainer = L.Trainer(
@@ -142,8 +144,11 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
     return {
         "impl": "ours",
         "label": f"ours {dims} {resize_backend}" + (" Eq.7" if image_score == "paper" else "")
+                 + ("" if projection_dim == 128 else f" proj {projection_dim}") + ("" if crop else " no crop")
                  + (f" {json.dumps(search, separators=(',', ':'))}" if search else ""),
         "image_score": image_score,
+        "projection_dim": projection_dim,
+        "crop": crop,
         "dims": dims,
         "resize_backend": resize_backend,
         "embed_dims": [model.model.embedding.pretrain_embed_dimension, model.model.embedding.target_embed_dimension],
@@ -251,10 +256,15 @@ def table(dataset: str, runs: dict[str, dict]) -> str:
         row("  + validation pass, anomalib only (s)", "validation_s")
     row("predict (s)", "predict_s")
     if ana:
+        def peer(r):  # the anomalib run with the same geometry (crop or none) as this run of ours
+            if r["impl"] != "ours":
+                return None
+            return runs.get("anomalib no crop" if r.get("crop", 224) is None else "anomalib")
+
         row("  anomalib predict / this predict", "", digits=2, src=lambda r: (
-            ana["predict_s"] / r["predict_s"]) if r["impl"] == "ours" else None)
+            peer(r)["predict_s"] / r["predict_s"]) if peer(r) else None)
         row("  anomalib fit / this fit", "", digits=2, src=lambda r: (
-            ana["fit_s"] / r["fit_s"]) if r["impl"] == "ours" else None)
+            peer(r)["fit_s"] / r["fit_s"]) if peer(r) else None)
     row("predict images/s", "predict_images_per_s", digits=2)
     row("peak RSS (MiB)", "max_rss_mib", digits=0)
     if any(r.get("cuda_peak_mib") for r in runs.values()):
@@ -263,10 +273,9 @@ def table(dataset: str, runs: dict[str, dict]) -> str:
     for key, label in METRICS:
         row(label, key, digits=4, src=lambda r, k=key: r["metrics"].get(k))
     if ana and ana.get("anomalib_metrics"):
-        own = ana["anomalib_metrics"]
         for key, label in (("image_AUROC", "anomalib's own image AUROC"), ("pixel_AUROC", "anomalib's own pixel AUROC")):
-            if key in own:
-                row(label, "", digits=4, src=lambda r, k=key: own[k] if r is ana else None)
+            row(label, "", digits=4, src=lambda r, k=key: (r.get("anomalib_metrics") or {}).get(k)
+                if r["impl"] == "anomalib" else None)
     return head + "\n".join(lines)
 
 
@@ -298,6 +307,11 @@ def main() -> None:
     parser.add_argument("--image-score", nargs="+", choices=("max", "paper"), default=["max"],
                         help="ours: the official max patch score and/or the paper's Eq. 7 re-weighting "
                              "(method.paper_reweighting=true; anomalib's score)")
+    parser.add_argument("--projection-dim", default="128",
+                        help="ours: the coreset's random projection (official 128; 'none': exact distances)")
+    parser.add_argument("--crop", nargs="+", choices=("224", "none"), default=["224"],
+                        help="centre crop of both (default 224) and/or none: the whole image resized to a "
+                             "256 square (ours method.crop=null, anomalib Resize((256, 256)))")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file (default /tmp/patchcore_bench_<host>.json)")
@@ -309,7 +323,9 @@ def main() -> None:
     if args.worker:  # inside the fresh subprocess
         search = json.loads(args.search) if args.search else None
         result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed,
-                          args.worker_dims, search, args.resize_backend[0], args.image_score[0])
+                          args.worker_dims, search, args.resize_backend[0], args.image_score[0],
+                          None if args.projection_dim == "none" else int(args.projection_dim),
+                          None if args.crop[0] == "none" else int(args.crop[0]))
         print(MARK + json.dumps(result), flush=True)
         return
     if args.render:
@@ -337,18 +353,23 @@ def main() -> None:
             continue
         common = ["--coreset-ratio", str(args.coreset_ratio), "--seed", str(args.seed),
                   "--batch-size", str(args.batch_size), "--data-root", str(data_root)]
-        if anomalib_ok:
-            cmd = [args.anomalib_python, str(REPO / "bench" / "_anomalib_patchcore.py"), "--dataset", dataset, *common]
-            r = run_subprocess(cmd, f"anomalib_{dataset}_{args.coreset_ratio}", log_dir, env)
+        for crop in args.crop if anomalib_ok else []:
+            cmd = [args.anomalib_python, str(REPO / "bench" / "_anomalib_patchcore.py"), "--dataset", dataset, *common,
+                   "--crop", "0" if crop == "none" else crop]
+            r = run_subprocess(cmd, f"anomalib_{dataset}_{args.coreset_ratio}" + ("_nocrop" if crop == "none" else ""),
+                               log_dir, env)
             if r:
+                r["label"] = "anomalib" + (" no crop" if crop == "none" else "")
                 results.append(r)
-        runs = [] if args.skip_ours else [(d, b, s) for d in args.dims for b in args.resize_backend
-                                          for s in args.image_score]
-        for dims, backend, score in runs:
+        runs = [] if args.skip_ours else [(d, b, s, c) for c in args.crop for d in args.dims
+                                          for b in args.resize_backend for s in args.image_score]
+        for dims, backend, score, crop in runs:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common,
-                   "--_worker-dims", dims, "--resize-backend", backend, "--image-score", score] + (
+                   "--_worker-dims", dims, "--resize-backend", backend, "--image-score", score,
+                   "--projection-dim", args.projection_dim, "--crop", crop] + (
                        ["--search", args.search] if args.search else [])
-            tag = dims.replace('/', '-').replace(',', '_') + ("_eq7" if score == "paper" else "")
+            tag = (dims.replace('/', '-').replace(',', '_') + ("_eq7" if score == "paper" else "")
+                   + ("_nocrop" if crop == "none" else ""))
             r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}_{tag}_{backend}", log_dir, env)
             if r:
                 results.append(r)
