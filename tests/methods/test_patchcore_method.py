@@ -83,3 +83,17 @@ def test_streaming_fit_one_buffer_any_capacity(monkeypatch, num_images, missing)
     assert n == bank.shape[0] == (24 - len(missing)) * 784
     assert seen == {"storage": storage, "shape": (projection_dim, (n + 63) // 64 * 64)}  # no copy
     assert torch.equal(selected, bank[keep])
+
+
+def test_train_set_size_sizes_the_fit_buffer_from_the_train_loader():
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from iad_lightning.methods.patchcore import PatchCore
+
+    def size(loader):
+        return PatchCore._train_set_size(SimpleNamespace(trainer=SimpleNamespace(train_dataloader=loader)))
+
+    assert size(DataLoader(list(range(13)), batch_size=4)) == 13  # the dataset, not the batches
+    assert size(None) is None  # no loader: the buffer grows instead
