@@ -196,6 +196,20 @@ def _first_occurrence(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return unique, first
 
 
+def _read_rows(file: Any, rows: np.ndarray, dim: int) -> torch.Tensor:
+    """Rows ``rows`` of a float32 (R, dim) file, read one by one in file order: no memory map, whose
+    faults can map far more of the (page-cached) file than the rows read (measured: +650 MB RSS
+    for 784 rows of a 3.2 GB spill)."""
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    row_bytes = dim * out.itemsize
+    file.flush()
+    for i in np.argsort(rows, kind="stable").tolist():
+        file.seek(int(rows[i]) * row_bytes)
+        if file.readinto(memoryview(out[i]).cast("B")) != row_bytes:
+            raise OSError(f"PatchCore fit: short read of row {int(rows[i])} from the temporary bank file")
+    return torch.from_numpy(out)
+
+
 class _StreamingBank:
     """Fit-time store of the training patches with bounded memory (see the module docstring).
 
@@ -269,8 +283,9 @@ class _StreamingBank:
         self.sq_norms[cols] = sq.to("cpu", torch.float32)
         self.spill_image[images] = torch.arange(self.spilled, self.spilled + images.numel())
         self.spilled += images.numel()
-        full = embedding.detach().to("cpu", torch.float32)[take]
-        self.spill.write(np.ascontiguousarray(full.numpy()).tobytes())
+        full = embedding.detach().to("cpu", torch.float32)
+        full = full[take] if take.numel() < b else full  # no copy without duplicates
+        self.spill.write(np.ascontiguousarray(full.numpy()).data)  # a buffer view, no bytes copy
 
     def _combine_ranks(self, group_device: torch.device) -> torch.Tensor:
         """Every rank's buffer made the full one (all_reduce SUM in chunks: each column is nonzero on
@@ -341,13 +356,7 @@ class _StreamingBank:
         # dataset row -> (image, patch); full rows come from the rank that owns the image
         image, patch = images[keep // p], keep % p
         mine = owner[image] == rank
-        self.spill.flush()
-        rows = torch.empty(0, self.dim, dtype=torch.float32)
-        if self.spilled:
-            table = np.memmap(self.spill, dtype=np.float32, mode="r", shape=(self.spilled * p, self.dim))
-            local_rows = (self.spill_image[image[mine]] * p + patch[mine]).numpy()
-            rows = torch.from_numpy(np.array(table[local_rows]))  # reads only the selected rows
-            del table
+        rows = _read_rows(self.spill, (self.spill_image[image[mine]] * p + patch[mine]).numpy(), self.dim)
         self.spill.close()
         if not is_distributed():
             return rows, n

@@ -82,6 +82,9 @@ _ROW_ALIGN = 64
 _DEFERRED_MIN_ROWS = 16384
 # Rows on which _gemv_rows_are_independent checks the BLAS property (a random subset above it).
 _CHECK_ROWS = 1 << 18
+# Pairs recomputed exactly at a time by the deferred loop (gathered rows: (this + 64 L) x d floats,
+# ~160 MB at d = 128): bounds its memory when many pairs pass the filter (e.g. on white noise).
+_PAIR_BLOCK = 1 << 18
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -367,10 +370,11 @@ def _apply_centres(
     Pairs with E < t_x (~0.1 % of them) are recomputed exactly, grouped by centre (one mat-vec per
     centre over its gathered points, padded to a multiple of ``_ROW_ALIGN``) and min-reduced into
     m (exact and order-free). The comparison and pair extraction run in numpy (several times
-    faster than torch's ``lt`` + ``nonzero`` on CPU).
+    faster than torch's ``lt`` + ``nonzero`` on CPU). They are recomputed whenever
+    ``_PAIR_BLOCK`` have accumulated (and in blocks of at most that many), so the memory stays
+    bounded however many pass (the pairs are also extracted a few rows at a time).
     """
     n = m.shape[0]
-    d = projected_t.shape[0]
     num = centres.numel()
     centre_rows = projected_t.index_select(1, centres).t().contiguous()  # (L, d)
     centre_m2 = centre_rows * -2.0  # (L, d) contiguous: its .t() is a column-major (d, L) operand
@@ -379,23 +383,48 @@ def _apply_centres(
     gram = torch.empty(min(chunk_rows, n), num, dtype=torch.float32)
     gram_np = gram.numpy()
     below = np.empty(gram_np.shape, dtype=bool)
-    pair_x, pair_c = [], []
+    pair_x, pair_c, pending = [], [], 0
+    step = max(1, _PAIR_BLOCK // num)  # rows whose pairs are extracted at a time (bounded arrays)
     threads = torch.get_num_threads()
+
+    def flush() -> None:  # exact recomputation of the pending pairs, in blocks of <= _PAIR_BLOCK
+        xs, cs = np.concatenate(pair_x), np.concatenate(pair_c)
+        for first in range(0, len(xs), _PAIR_BLOCK):
+            _exact_pairs(projected_t, sq, m, centres, centre_rows, xs[first : first + _PAIR_BLOCK],
+                         cs[first : first + _PAIR_BLOCK], buffer)
+        pair_x.clear()
+        pair_c.clear()
+
     torch.set_num_threads(gemm_threads)
     try:
         for start in range(0, n, chunk_rows):
             size = min(chunk_rows, n - start)
             torch.addmm(centre_sq, projected_t[:, start : start + size].t(), centre_m2.t(), out=gram[:size])
             np.less(gram_np[:size], thresh[start : start + size, None], out=below[:size])
-            flat = np.flatnonzero(below[:size])
-            if flat.size:
-                pair_x.append(flat // num + start)
-                pair_c.append(flat % num)
+            for row in range(0, size, step):
+                flat = np.flatnonzero(below[row : min(row + step, size)])
+                if flat.size:
+                    pair_x.append(flat // num + (start + row))
+                    pair_c.append(flat % num)
+                    pending += flat.size
+                if pending >= _PAIR_BLOCK:
+                    # m of the rows still to come is not read by this pass (thresh is from the phase
+                    # start), so recomputing mid-pass changes nothing
+                    torch.set_num_threads(threads)
+                    flush()
+                    pending = 0
+                    torch.set_num_threads(gemm_threads)
     finally:
         torch.set_num_threads(threads)
-    if not pair_x:
-        return
-    pair_x, pair_c = np.concatenate(pair_x), np.concatenate(pair_c)
+    if pending:
+        flush()
+
+
+def _exact_pairs(projected_t: Tensor, sq: Tensor, m: Tensor, centres: Tensor, centre_rows: Tensor,
+                 pair_x: np.ndarray, pair_c: np.ndarray, buffer: list[Tensor]) -> None:
+    """m(x) = min(m(x), D(x, c)) over the (point, centre-position) pairs, D the plain loop's exact
+    squared distance; at most ``_PAIR_BLOCK`` pairs, so the gathered rows stay bounded."""
+    d, num = projected_t.shape[0], centres.numel()
     # group the pairs by centre (stable: points ascending), each group padded to a multiple of _ROW_ALIGN
     order = np.argsort(pair_c, kind="stable")
     pair_x, pair_c = pair_x[order], pair_c[order]
