@@ -38,8 +38,10 @@ of points that cannot be the argmax can wait:
   (N, 128) x (128, L) GEMM on the projection itself (its column-major view, no copy) estimates
   every pair's |c|^2 - 2 x.c. A pair can lower m(x) only if that estimate is below
   m(x) - |x|^2 plus a rounding margin (a bound on the errors of the GEMM and of the exact
-  arithmetic, ~3e-4 max|x|^2; see ``_apply_centres``), which keeps ~0.1-0.2 % of the pairs; these are recomputed with the plain loop's exact arithmetic (a mat-vec against each
-  centre over its gathered points) and min-reduced into m, exactly as the plain loop would have.
+  arithmetic, ~3e-4 max|x|^2; see ``_apply_centres``), which keeps ~0.1-0.2 % of the pairs on
+  real features; these are recomputed with the plain loop's exact arithmetic (a mat-vec against
+  each centre over its gathered points, in blocks of ``_PAIR_BLOCK`` pairs) and min-reduced into
+  m, exactly as the plain loop would have.
 
 The work is the same N x 128 multiply-adds per selected point, but as a GEMM at ~80 GFLOP/s
 instead of a memory-bound gemv at ~2-3 GFLOP/s. ``bench/coreset.py`` on real Lite0 patch features
