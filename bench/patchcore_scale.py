@@ -6,12 +6,14 @@ Random features, so it runs anywhere without data or weights: every image gets s
 patch embeddings of the paper's shape, 784 x 1024 (a 28 x 28 grid at 224 px, 1024 dims: 4,000
 images = 3.1 M patches), in place of backbone + embedding (their memory does not grow with N;
 ``--embed`` runs the real ``PatchEmbedding`` on random WideResNet-50-shaped maps instead, ~50x
-slower). Each configuration runs in a fresh subprocess; peak memory is its max RSS.
+slower). Each configuration runs in a fresh subprocess; peak memory is its max RSS
+(``ru_maxrss``), and a thread sampling VmRSS every 20 ms gives the peak of each phase.
 
 * ``new``: what ``PatchCore.training_step`` / ``on_train_epoch_end`` do now
-  (``methods/patchcore.py:_StreamingBank``): per batch the 128-d coreset projection in memory,
-  the full rows spilled to a temporary file, the coreset on the projection, the selected rows
-  read back.
+  (``methods/patchcore.py:_StreamingBank``): per batch the 128-d coreset projection written into
+  one (128, N) buffer in dataset order (sized from the number of images, as ``training_step``
+  sizes it from the train set), the full rows spilled to a temporary file, the coreset on that
+  buffer in place, the selected rows read back.
 * ``old``: the code before it: every batch's (B, 784, 1024) float32 embedding kept, the bank put
   in dataset order (``_bank_in_dataset_order``), ``approximate_greedy_coreset(bank)``, then
   ``bank[keep]``. It needs the whole N x 1024 bank (12.8 GB at 4,000 images), so by default it
@@ -55,6 +57,43 @@ def batch_embedding(idx: list[int], embed):
     return torch.stack([torch.rand(784, 1024, generator=torch.Generator().manual_seed(i)) for i in idx])
 
 
+class RssSampler:
+    """Peak VmRSS (from /proc/self/status, every 20 ms in a thread) per named phase, in MiB."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.phase, self.peaks, self._stop = "start", {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def rss_mib() -> float:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.mark(self.phase)
+
+    def mark(self, phase: str) -> None:
+        self.phase = phase
+        rss = self.rss_mib()
+        if not rss <= self.peaks.get(phase, 0.0):
+            self.peaks[phase] = rss
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {k: round(v) for k, v in self.peaks.items()}
+
+
 def worker(mode: str, images: int, ratio: float, batch: int, seed: int, use_embed: bool = False) -> dict:
     sys.path.insert(0, str(REPO))
     import torch
@@ -67,37 +106,46 @@ def worker(mode: str, images: int, ratio: float, batch: int, seed: int, use_embe
     embed = PatchEmbedding(1024, 1024) if use_embed else None
     cpu = torch.device("cpu")
     order = torch.randperm(images, generator=torch.Generator().manual_seed(seed)).tolist()  # shuffled loader
+    rss = RssSampler()
     t0 = time.perf_counter()
     coreset_s = 0.0
     with torch.no_grad():
         if mode == "new":
+            rss.mark("embed+add")
             stream = None
             for start in range(0, images, batch):
                 idx = order[start : start + batch]
                 emb = batch_embedding(idx, embed)
-                stream = stream or _StreamingBank(emb.shape[-1], 128, seed, cpu)
+                # the train set's size, as PatchCore.training_step passes it from the train loader
+                stream = stream or _StreamingBank(emb.shape[-1], 128, seed, cpu, num_images=images)
                 stream.add(emb, torch.tensor(idx))
             t1 = time.perf_counter()
+            rss.mark("select")
             bank, n = stream.select(ratio, 10, cpu)
             coreset_s = time.perf_counter() - t1  # coreset + reading the selected rows back
         else:
+            rss.mark("embed")
             feats, indices = [], []
             for start in range(0, images, batch):
                 idx = order[start : start + batch]
                 emb = batch_embedding(idx, embed)
                 feats.append(emb.to("cpu", torch.float32))
                 indices.append(torch.tensor(idx))
+            rss.mark("dataset order")
             full = _bank_in_dataset_order(feats, indices, cpu)
             t1 = time.perf_counter()
+            rss.mark("coreset")
             keep = approximate_greedy_coreset(full, ratio, projection_dim=128, num_starts=10, seed=seed, device=cpu)
             coreset_s = time.perf_counter() - t1
             bank, n = full[keep], full.shape[0]
             del full
     total = time.perf_counter() - t0
+    phases = rss.stop()
     return {
         "mode": mode, "images": images, "patches": n, "bank": list(bank.shape), "ratio": ratio,
         "fit_s": total, "coreset_s": coreset_s,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mib": base_mib,
+        "phase_peak_rss_mib": phases,
         "digest": hashlib.sha256(bank.numpy().tobytes()).hexdigest()[:16],
         "torch_threads": torch.get_num_threads(),
     }
@@ -114,7 +162,8 @@ def run(mode: str, images: int, args) -> dict | None:
         return None
     r = json.loads(lines[-1][len(MARK):])
     print(f"[scale] {mode} {images}: fit {r['fit_s']:.1f} s (coreset {r['coreset_s']:.1f} s), "
-          f"peak RSS {r['max_rss_mib']:.0f} MiB, bank {r['bank']}, digest {r['digest']}", flush=True)
+          f"peak RSS {r['max_rss_mib']:.0f} MiB (per phase {r['phase_peak_rss_mib']}), bank {r['bank']}, "
+          f"digest {r['digest']}", flush=True)
     return r
 
 

@@ -5,13 +5,14 @@ The network maths (embedding, scoring, maps) live in ``models/patchcore.py``; th
 batch's patch embeddings are projected at once with the coreset's random projection (the same
 seeded matrix as ``approximate_greedy_coreset``, so the same selection) and only these
 ``projection_dim``-d rows stay in memory; the full-dimension rows go to a temporary file on disk
-(float32, exact). At the end the projections are gathered from all ranks and put in dataset
-order, the greedy coreset runs on them, and only the selected full rows are read back (and
-gathered from the rank that holds them). What grows with N is the N x 128 projection, not the
-N x D bank (4,000 images at 224, 3.1 M patches: 1.6 GB against 12.8 GB at 1024 dims); at the
-peak it exists about three times (the per-batch list, the coreset's layout and the deferred
-loop's row-major copy; ``bench/patchcore_scale.py``). The bank equals a single-process,
-full-bank run's.
+(float32, exact). At the end the ranks' projection buffers are summed into the full one (each
+image's columns are nonzero on one rank only), the greedy coreset runs on it, and only the
+selected full rows are read back (and gathered from the rank that holds them). What grows with N
+is the N x 128 projection, not the N x D bank (4,000 images at 224, 3.1 M patches: 1.6 GB against
+12.8 GB at 1024 dims), and it exists once: each batch is written straight into one buffer in the
+coreset's (d', N) layout (sized from the train set), which the coreset then reads in place
+(``bench/patchcore_scale.py``: 2.8 GB peak RSS at 4,000 images). The bank equals a
+single-process, full-bank run's.
 """
 
 from __future__ import annotations
@@ -123,8 +124,16 @@ class PatchCore(AnomalyModule):
         embedding, _ = self.model.embed(self.feature_extractor(batch["image"]))
         if self._fit is None:
             self._fit = _StreamingBank(embedding.shape[-1], self.hparams.projection_dim, self.hparams.seed,
-                                       self._coreset_device())
+                                       self._coreset_device(), num_images=self._train_set_size())
         self._fit.add(embedding, batch["index"])
+
+    def _train_set_size(self) -> int | None:
+        """Images of the train loader's dataset (batch["index"] runs over it): sizes the fit's
+        projection buffer once; None (the buffer grows) when the loader does not say."""
+        try:
+            return len(self.trainer.train_dataloader.dataset)
+        except (AttributeError, TypeError, RuntimeError):
+            return None
 
     def _coreset_device(self) -> torch.device:
         return self.device if self.hparams.coreset_device == "auto" else torch.device(self.hparams.coreset_device)
@@ -188,83 +197,167 @@ def _first_occurrence(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return unique, first
 
 
+def _read_rows(file: Any, rows: np.ndarray, dim: int) -> torch.Tensor:
+    """Rows ``rows`` of a float32 (R, dim) file, read one by one in file order: no memory map, whose
+    faults can map far more of the (page-cached) file than the rows read (measured: +650 MB RSS
+    for 784 rows of a 3.2 GB spill)."""
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    row_bytes = dim * out.itemsize
+    file.flush()
+    for i in np.argsort(rows, kind="stable").tolist():
+        file.seek(int(rows[i]) * row_bytes)
+        if file.readinto(memoryview(out[i]).cast("B")) != row_bytes:
+            raise OSError(f"PatchCore fit: short read of row {int(rows[i])} from the temporary bank file")
+    return torch.from_numpy(out)
+
+
 class _StreamingBank:
     """Fit-time store of the training patches with bounded memory (see the module docstring).
 
     Per batch: the ``projection_dim``-d projection psi(x) = W x with W =
     ``coreset_projection(D, projection_dim, seed)`` (the matrix ``approximate_greedy_coreset``
-    draws), computed on the coreset device, kept on the CPU; the full float32 rows appended to an
-    anonymous temporary file. ``select`` returns the coreset's full rows in selection order, equal
-    to ``bank[approximate_greedy_coreset(bank, ...)]`` of the dataset-ordered full bank (a test).
+    draws), computed on the coreset device and written straight into ONE CPU buffer in the
+    coreset's final layout, (d', N_pad) with column ``index * P + patch`` (dataset order), with its
+    squared norms; the full float32 rows appended to an anonymous temporary file. ``num_images``
+    (the train set's size) sizes the buffer up front; without it, or when an index exceeds it, the
+    buffer grows by >= 25 % (a transient copy). Only the first occurrence of an image is kept (a
+    distributed sampler pads with repeats; across ranks the lowest rank's, as a rank-order gather
+    would). ``select`` returns the coreset's full rows in selection order, equal to
+    ``bank[approximate_greedy_coreset(bank, ...)]`` of the dataset-ordered full bank (a test).
     """
 
-    def __init__(self, dim: int, projection_dim: int | None, seed: int, device: torch.device) -> None:
+    def __init__(self, dim: int, projection_dim: int | None, seed: int, device: torch.device,
+                 num_images: int | None = None) -> None:
         self.dim, self.device = dim, device
         self.generator, self.weight = coreset_projection(dim, projection_dim, seed, device)
-        self.projected: list[torch.Tensor] = []  # (B, P, d') per batch, CPU float32
-        self.indices: list[torch.Tensor] = []
-        self.spill = tempfile.TemporaryFile(prefix="patchcore_bank_")  # full rows, float32, in arrival order
-        self.rows = 0
-        self.patches = 0
+        self.dproj = dim if self.weight is None else self.weight.shape[0]
+        self.capacity = int(num_images) if num_images else 0  # images the buffer holds
+        self.projected_t: torch.Tensor | None = None  # (d', round_up(capacity * P, 64)) CPU float32
+        self.sq_norms: torch.Tensor | None = None
+        self.spill_image = torch.full((self.capacity,), -1, dtype=torch.long)  # image -> its slot in the file
+        self.spill = tempfile.TemporaryFile(prefix="patchcore_bank_")  # full rows, float32, first arrivals
+        self.spilled = 0  # images in the file
+        self.patches: int | None = None
+
+    def _grow(self, images: int) -> None:
+        """Make room for ``images`` images (zero columns); the layout stays (d', N_pad) contiguous."""
+        cols = _round_up(images * self.patches, _ROW_ALIGN)
+        if self.projected_t is None or self.projected_t.shape[1] < cols:
+            projected_t = torch.zeros(self.dproj, cols, dtype=torch.float32)
+            sq_norms = torch.zeros(cols, dtype=torch.float32)
+            if self.projected_t is not None:  # only without (or past) the num_images hint
+                old = self.projected_t.shape[1]
+                projected_t[:, :old] = self.projected_t
+                sq_norms[:old] = self.sq_norms
+            self.projected_t, self.sq_norms = projected_t, sq_norms
+        if images > self.spill_image.numel():
+            spill_image = torch.full((images,), -1, dtype=torch.long)
+            spill_image[: self.spill_image.numel()] = self.spill_image
+            self.spill_image = spill_image
+        self.capacity = max(self.capacity, images)
 
     def add(self, embedding: torch.Tensor, index: torch.Tensor) -> None:
         b, p, d = embedding.shape
-        self.patches = p
+        if self.patches is None:
+            self.patches = p
+        elif p != self.patches:
+            raise ValueError(f"PatchCore fit: batch has {p} patches per image, earlier batches {self.patches}; "
+                             "all train images must have the same size.")
+        index = index.detach().to("cpu", torch.long).view(-1)
+        need = int(index.max()) + 1
+        if self.projected_t is None or need > self.capacity:
+            self._grow(max(need, self.capacity if self.projected_t is None else self.capacity * 5 // 4))
+        # first occurrence of each image (in this batch, and not seen in an earlier one)
+        unique, first = _first_occurrence(index)
+        take = first[self.spill_image[unique] < 0].sort().values  # batch positions, in arrival order
+        if take.numel() == 0:
+            return
         flat = embedding.reshape(b * p, d)
         proj = flat.to(self.device, torch.float32)
         if self.weight is not None:
-            proj = proj @ self.weight.t()  # psi(x), row by row the same bits as the full-bank projection
-        self.projected.append(proj.to("cpu", torch.float32).view(b, p, -1))
-        self.spill.write(np.ascontiguousarray(flat.detach().to("cpu", torch.float32).numpy()).tobytes())
-        self.rows += b * p
-        self.indices.append(index.cpu())
+            proj = proj @ self.weight.t()  # psi(x) of the whole batch, row by row the bits of _project
+        rows = proj.view(b, p, -1)[take.to(proj.device)].reshape(-1, self.dproj)  # contiguous, as in _project
+        sq = (rows * rows).sum(1)  # |psi(x)|^2 row by row as in _project, on the coreset device
+        images = index[take]
+        cols = (images[:, None] * p + torch.arange(p)).reshape(-1)
+        self.projected_t[:, cols] = rows.to("cpu", torch.float32).t()
+        self.sq_norms[cols] = sq.to("cpu", torch.float32)
+        self.spill_image[images] = torch.arange(self.spilled, self.spilled + images.numel())
+        self.spilled += images.numel()
+        full = embedding.detach().to("cpu", torch.float32)
+        full = full[take] if take.numel() < b else full  # no copy without duplicates
+        self.spill.write(np.ascontiguousarray(full.numpy()).data)  # a buffer view, no bytes copy
+
+    def _combine_ranks(self, group_device: torch.device) -> torch.Tensor:
+        """Every rank's buffer made the full one (all_reduce SUM in chunks: each column is nonzero on
+        its owner only, x + 0 is exact); returns the owner rank per image (world size: unseen)."""
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        capacity = max(int(c) for c in gather_objects(self.capacity))
+        if self.projected_t is None:
+            raise ValueError("PatchCore fit: a rank received no training batch.")
+        self._grow(capacity)
+        owner = torch.where(self.spill_image >= 0, rank, world).to(group_device)
+        dist.all_reduce(owner, op=dist.ReduceOp.MIN)
+        owner = owner.cpu()
+        lost = torch.nonzero((self.spill_image >= 0) & (owner != rank)).view(-1)  # a lower rank has them
+        if lost.numel():
+            cols = (lost[:, None] * self.patches + torch.arange(self.patches)).reshape(-1)
+            self.projected_t[:, cols] = 0.0
+            self.sq_norms[cols] = 0.0
+        for flat in (self.projected_t.view(-1), self.sq_norms):
+            step = 64 * 2**20 // flat.element_size()
+            for start in range(0, flat.numel(), step):
+                part = flat[start : start + step].to(group_device)
+                dist.all_reduce(part, op=dist.ReduceOp.SUM)
+                flat[start : start + step] = part.cpu()
+        return owner
+
+    def _compact(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (d', N_pad) layout of the ``images`` present (sorted), contiguous, in place: only
+        when the buffer has unseen images (e.g. a limited epoch) or spare capacity."""
+        p, dproj = self.patches, self.dproj
+        n = images.numel() * p
+        n_pad = _round_up(n, _ROW_ALIGN)
+        if images.numel() == self.capacity and self.projected_t.shape[1] == n_pad:
+            return self.projected_t, self.sq_norms
+        cols = (images[:, None] * p + torch.arange(p)).reshape(-1)
+        total = self.projected_t.shape[1]
+        flat = self.projected_t.view(-1)
+        for r in range(dproj):  # row r moves to offset r * n_pad <= r * total: never over a later row
+            row = flat[r * total : (r + 1) * total].index_select(0, cols)
+            flat[r * n_pad : r * n_pad + n] = row
+            flat[r * n_pad + n : (r + 1) * n_pad] = 0.0
+        sq = self.sq_norms.index_select(0, cols)
+        self.sq_norms[:n] = sq
+        self.sq_norms[n:] = 0.0
+        return flat[: dproj * n_pad].view(dproj, n_pad), self.sq_norms[:n_pad]
 
     def select(self, ratio: float, num_starts: int, group_device: torch.device) -> tuple[torch.Tensor, int]:
         """(coreset rows (M, D) float32 CPU in selection order, number of train patches N)."""
-        p, device = self.patches, self.device
-        local_idx = torch.cat(self.indices)
-        idx = gather_rows(local_idx[:, None], group_device)[:, 0]  # images in gathered (rank) order
+        if self.patches is None and not is_distributed():
+            raise ValueError("PatchCore fit: no training batch was seen.")
+        rank = 0
         if is_distributed():
-            local = torch.cat(self.projected)
-            self.projected.clear()
-            chunks = [gather_rows(local, group_device)]
-            del local
+            owner = self._combine_ranks(group_device)
+            rank = torch.distributed.get_rank()
+            present = owner < torch.distributed.get_world_size()
         else:
-            chunks = self.projected  # consumed below, so the peak stays near one copy
-        unique, first = _first_occurrence(idx)  # dataset order; first gathered position of each image
-        slot = torch.full((int(idx.max()) + 1,), -1, dtype=torch.long)
-        slot[unique] = torch.arange(unique.numel())
-        n = unique.numel() * p
-        dproj = chunks[0].shape[-1]
-        # the coreset's layout: (d', N_pad) with zero padding columns, |psi(x)|^2 row by row as in _project
-        projected_t = torch.zeros(dproj, _round_up(n, _ROW_ALIGN), dtype=torch.float32, device=device)
-        sq_norms = torch.zeros(projected_t.shape[1], dtype=torch.float32, device=device)
-        start = 0
-        while chunks:
-            chunk = chunks.pop(0)
-            pos = torch.arange(start, start + chunk.shape[0])
-            take = first[slot[idx[pos]]] == pos  # drop the duplicates a distributed sampler pads with
-            cols = (slot[idx[pos[take]]][:, None] * p + torch.arange(p)).reshape(-1).to(device)
-            rows = chunk[take].reshape(-1, dproj).to(device)
-            projected_t[:, cols] = rows.t()
-            sq_norms[cols] = (rows * rows).sum(1)
-            start += chunk.shape[0]
-            del chunk, rows
+            present = self.spill_image >= 0
+            owner = torch.where(present, 0, 1)
+        p = self.patches
+        images = torch.nonzero(present).view(-1)  # dataset order
+        n = images.numel() * p
+        projected_t, sq_norms = self._compact(images)
+        self.projected_t = self.sq_norms = None
+        projected_t, sq_norms = projected_t.to(self.device), sq_norms.to(self.device)  # no copy on CPU
         keep = greedy_coreset_from_projection(projected_t, sq_norms, n, ratio, self.generator, num_starts).cpu()
         del projected_t, sq_norms
-        # dataset row -> (gathered image position, patch); full rows come from the rank that wrote them
-        image_pos, patch = first[keep // p], keep % p
-        sizes = [int(v) for v in gather_objects(local_idx.numel())]
-        rank = torch.distributed.get_rank() if is_distributed() else 0
-        offset = sum(sizes[:rank])
-        mine = (image_pos >= offset) & (image_pos < offset + sizes[rank])
-        self.spill.flush()
-        rows = torch.empty(0, self.dim, dtype=torch.float32)
-        if self.rows:
-            table = np.memmap(self.spill, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
-            local_rows = ((image_pos[mine] - offset) * p + patch[mine]).numpy()
-            rows = torch.from_numpy(np.array(table[local_rows]))  # reads only the selected rows
-            del table
+        # dataset row -> (image, patch); full rows come from the rank that owns the image
+        image, patch = images[keep // p], keep % p
+        mine = owner[image] == rank
+        rows = _read_rows(self.spill, (self.spill_image[image[mine]] * p + patch[mine]).numpy(), self.dim)
         self.spill.close()
         if not is_distributed():
             return rows, n

@@ -35,11 +35,13 @@ of points that cannot be the argmax can wait:
   the lowest index as with ``torch.argmax``); the phase ends when it drops below tau (on real
   features after ~600 steps);
 * the L centres of the phase are then applied to all N points at once: one compute-bound
-  (N, 130) x (130, L) GEMM estimates every pair's squared distance minus m(x). A pair can lower
-  m(x) only if that estimate is below a rounding margin (a bound on the errors of the GEMM and of
-  the exact arithmetic, ~3e-4 max|x|^2; see ``_apply_centres``), which keeps ~0.1-0.2 % of the
-  pairs; these are recomputed with the plain loop's exact arithmetic (a mat-vec against each
-  centre over its gathered points) and min-reduced into m, exactly as the plain loop would have.
+  (N, 128) x (128, L) GEMM on the projection itself (its column-major view, no copy) estimates
+  every pair's |c|^2 - 2 x.c. A pair can lower m(x) only if that estimate is below
+  m(x) - |x|^2 plus a rounding margin (a bound on the errors of the GEMM and of the exact
+  arithmetic, ~3e-4 max|x|^2; see ``_apply_centres``), which keeps ~0.1-0.2 % of the pairs on
+  real features; these are recomputed with the plain loop's exact arithmetic (a mat-vec against
+  each centre over its gathered points, in blocks of ``_PAIR_BLOCK`` pairs) and min-reduced into
+  m, exactly as the plain loop would have.
 
 The work is the same N x 128 multiply-adds per selected point, but as a GEMM at ~80 GFLOP/s
 instead of a memory-bound gemv at ~2-3 GFLOP/s. ``bench/coreset.py`` on real Lite0 patch features
@@ -82,6 +84,9 @@ _ROW_ALIGN = 64
 _DEFERRED_MIN_ROWS = 16384
 # Rows on which _gemv_rows_are_independent checks the BLAS property (a random subset above it).
 _CHECK_ROWS = 1 << 18
+# Pairs recomputed exactly at a time by the deferred loop (gathered rows: (this + 64 L) x d floats,
+# ~160 MB at d = 128): bounds its memory when many pairs pass the filter (e.g. on white noise).
+_PAIR_BLOCK = 1 << 18
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -310,12 +315,8 @@ def _greedy_deferred(
         chunk_rows = 2048 if gemm_threads == 1 else 8192 * gemm_threads
     sq = sq_norms[:n]
     m = min_sq[:n].clone()
-    # Rows augmented for the filter GEMM: [x, a_x, 1] with a_x = |x|^2 - m(x) - margin (set per phase).
-    rows = torch.empty(n, d + 2, dtype=torch.float32)
-    rows[:, :d] = projected_t[:, :n].t()
-    rows[:, d + 1] = 1.0
-    # Rounding bound of the GEMM estimate plus that of the exact distances, both ~ (d+2) eps |x|^2
-    # scale (see _apply_centres); 2.5x safety.
+    # Bound on the rounding errors of the filter (see _apply_centres: ~(7 d + 24) u max|x|^2 with
+    # u = 2^-24), ~4.7x safety at d = 128. The filter GEMM reads projected_t itself (no copy).
     margin = 32.0 * (d + 8) * 2.0**-24 * float(sq.max()) + 1e-30
     selected: list[int] = []
     k = max(1, min(candidates, n))
@@ -347,54 +348,85 @@ def _greedy_deferred(
         centres = cand.index_select(0, torch.tensor(phase, dtype=torch.long))
         selected.extend(centres.tolist())
         if len(selected) < num_select:  # -- phase end: apply the phase's centres to every point.
-            _apply_centres(projected_t, sq, rows, m, centres, margin, chunk_rows, buffer, gemm_threads)
+            _apply_centres(projected_t, sq, m, centres, margin, chunk_rows, buffer, gemm_threads)
     return torch.tensor(selected, dtype=torch.long)
 
 
 def _apply_centres(
-    projected_t: Tensor, sq: Tensor, rows: Tensor, m: Tensor, centres: Tensor, margin: float, chunk_rows: int,
+    projected_t: Tensor, sq: Tensor, m: Tensor, centres: Tensor, margin: float, chunk_rows: int,
     buffer: list[Tensor], gemm_threads: int = 1,
 ) -> None:
     """m(x) = min(m(x), min_c dist^2(x, c)) over ``centres``, with the plain loop's exact distances.
 
-    Filter: G[x, c] = a_x + |c|^2 - 2 x.c with a_x = |x|^2 - m(x) - margin, one GEMM of the
-    augmented rows [x, a_x, 1] by [-2c, 1, |c|^2]. If the exact (plain) distance D(x, c) < m(x),
-    then G < 0: |D - true d^2| and |G - (true d^2 - m - margin)| are each below ~(d + 2) eps
-    (|x| + |c|)^2 + eps m <= ~13 (d + 8) eps max|x|^2 (m <= (2 max|x|)^2), which ``margin`` covers.
-    Pairs with G < 0 (~0.1 % of them) are recomputed exactly, grouped by centre (one mat-vec per
+    Filter: E[x, c] = |c|^2 - 2 x.c, one GEMM (``addmm``) of the column-major view
+    ``projected_t[:, chunk].t()`` (no row-major copy of the projection) by -2C^T, compared with
+    t_x = (m(x) + margin) - |x|^2. Rounding (u = 2^-24, R^2 = max |x|^2 of the stored squared norms
+    s_x, which both paths use; q = s_x + s_c - 2 x.c in exact arithmetic; m <= ~4 R^2):
+
+    * the plain loop's D = clamp(fl(fl(s_x - 2 x.c) + s_c), 0) has |D' - q| <= (d + 2) u 4 R^2
+      before the clamp (the clamp only raises it), so D < m implies q < m + 4 (d + 2) u R^2;
+    * the GEMM's E has |E - (s_c - 2 x.c)| <= (d + 1) u 3 R^2 (d products, the beta add);
+    * t_x (two float adds) is within 2 u (m + margin + s_x) <= ~10 u R^2 of m + margin - s_x.
+
+    So D < m implies E < t_x whenever margin >= (7 d + 24) u R^2; ``margin`` is 32 (d + 8) u R^2.
+    Pairs with E < t_x (~0.1 % of them) are recomputed exactly, grouped by centre (one mat-vec per
     centre over its gathered points, padded to a multiple of ``_ROW_ALIGN``) and min-reduced into
     m (exact and order-free). The comparison and pair extraction run in numpy (several times
-    faster than torch's ``lt`` + ``nonzero`` on CPU).
+    faster than torch's ``lt`` + ``nonzero`` on CPU). They are recomputed whenever
+    ``_PAIR_BLOCK`` have accumulated (and in blocks of at most that many), so the memory stays
+    bounded however many pass (the pairs are also extracted a few rows at a time).
     """
     n = m.shape[0]
-    d = projected_t.shape[0]
     num = centres.numel()
     centre_rows = projected_t.index_select(1, centres).t().contiguous()  # (L, d)
-    centre_aug = torch.empty(num, d + 2, dtype=torch.float32)
-    centre_aug[:, :d] = centre_rows * -2.0
-    centre_aug[:, d] = 1.0
-    centre_aug[:, d + 1] = sq.index_select(0, centres)
-    rows[:, d] = sq - m - margin
+    centre_m2 = centre_rows * -2.0  # (L, d) contiguous: its .t() is a column-major (d, L) operand
+    centre_sq = sq.index_select(0, centres)[None, :]  # (1, L), broadcast as addmm's input
+    thresh = ((m + margin) - sq).numpy()  # t_x per point
     gram = torch.empty(min(chunk_rows, n), num, dtype=torch.float32)
     gram_np = gram.numpy()
     below = np.empty(gram_np.shape, dtype=bool)
-    pair_x, pair_c = [], []
+    pair_x, pair_c, pending = [], [], 0
+    step = max(1, _PAIR_BLOCK // num)  # rows whose pairs are extracted at a time (bounded arrays)
     threads = torch.get_num_threads()
+
+    def flush() -> None:  # exact recomputation of the pending pairs, in blocks of <= _PAIR_BLOCK
+        xs, cs = np.concatenate(pair_x), np.concatenate(pair_c)
+        for first in range(0, len(xs), _PAIR_BLOCK):
+            _exact_pairs(projected_t, sq, m, centres, centre_rows, xs[first : first + _PAIR_BLOCK],
+                         cs[first : first + _PAIR_BLOCK], buffer)
+        pair_x.clear()
+        pair_c.clear()
+
     torch.set_num_threads(gemm_threads)
     try:
         for start in range(0, n, chunk_rows):
             size = min(chunk_rows, n - start)
-            torch.mm(rows[start : start + size], centre_aug.t(), out=gram[:size])
-            np.less(gram_np[:size], 0.0, out=below[:size])
-            flat = np.flatnonzero(below[:size])
-            if flat.size:
-                pair_x.append(flat // num + start)
-                pair_c.append(flat % num)
+            torch.addmm(centre_sq, projected_t[:, start : start + size].t(), centre_m2.t(), out=gram[:size])
+            np.less(gram_np[:size], thresh[start : start + size, None], out=below[:size])
+            for row in range(0, size, step):
+                flat = np.flatnonzero(below[row : min(row + step, size)])
+                if flat.size:
+                    pair_x.append(flat // num + (start + row))
+                    pair_c.append(flat % num)
+                    pending += flat.size
+                if pending >= _PAIR_BLOCK:
+                    # m of the rows still to come is not read by this pass (thresh is from the phase
+                    # start), so recomputing mid-pass changes nothing
+                    torch.set_num_threads(threads)
+                    flush()
+                    pending = 0
+                    torch.set_num_threads(gemm_threads)
     finally:
         torch.set_num_threads(threads)
-    if not pair_x:
-        return
-    pair_x, pair_c = np.concatenate(pair_x), np.concatenate(pair_c)
+    if pending:
+        flush()
+
+
+def _exact_pairs(projected_t: Tensor, sq: Tensor, m: Tensor, centres: Tensor, centre_rows: Tensor,
+                 pair_x: np.ndarray, pair_c: np.ndarray, buffer: list[Tensor]) -> None:
+    """m(x) = min(m(x), D(x, c)) over the (point, centre-position) pairs, D the plain loop's exact
+    squared distance; at most ``_PAIR_BLOCK`` pairs, so the gathered rows stay bounded."""
+    d, num = projected_t.shape[0], centres.numel()
     # group the pairs by centre (stable: points ascending), each group padded to a multiple of _ROW_ALIGN
     order = np.argsort(pair_c, kind="stable")
     pair_x, pair_c = pair_x[order], pair_c[order]

@@ -114,3 +114,21 @@ def test_method_choice_and_validation(one_thread):
     assert torch.equal(auto, approximate_greedy_coreset(features, 0.01, method="plain"))
     with pytest.raises(ValueError, match="method"):
         approximate_greedy_coreset(features, 0.01, method="pruned-ish")
+
+
+def test_deferred_exact_pairs_in_bounded_blocks(one_thread, monkeypatch):
+    # many pairs pass the filter on uniform noise: recomputed whenever 700 have accumulated and in
+    # blocks of at most 700 (mid-pass and split flushes), the selection is still the plain loop's
+    import iad_lightning.models.coreset as coreset
+
+    calls = []
+    original = coreset._exact_pairs
+
+    def spy(projected_t, sq, m, centres, centre_rows, pair_x, pair_c, buffer):
+        calls.append(len(pair_x))
+        return original(projected_t, sq, m, centres, centre_rows, pair_x, pair_c, buffer)
+
+    monkeypatch.setattr(coreset, "_PAIR_BLOCK", 700)
+    monkeypatch.setattr(coreset, "_exact_pairs", spy)
+    _check(_data("uniform", 8000, 128, 12), 0.05)
+    assert max(calls) == 700 and len(calls) > 10  # full blocks, many flushes
