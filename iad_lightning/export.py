@@ -154,7 +154,10 @@ class TupleOutputs(nn.Module):
 
 
 def inference_graph(method: Any) -> nn.Module:
-    """The method's export module in eval mode on the CPU, with a tuple output and the thresholds."""
+    """The method's export module in eval mode on the CPU, with a tuple output and the thresholds.
+
+    Its backbones are switched to their batch-norm-folded copies in place (they share the
+    method's modules), so call it on a method loaded for export, as ``export`` does."""
     module = method.export_module()  # raises ConfigError for methods that cannot be exported
     thr = {k: float(getattr(method, k, float("nan"))) for k in ("image_threshold", "pixel_threshold")}
     from iad_lightning.models.backbones import FeatureExtractor
