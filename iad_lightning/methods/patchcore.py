@@ -31,7 +31,6 @@ from iad_lightning.models.backbones import FeatureExtractor
 from iad_lightning.models.coreset import (
     _ROW_ALIGN,
     _round_up,
-    approximate_greedy_coreset,
     coreset_projection,
     greedy_coreset_from_projection,
 )
