@@ -2,7 +2,7 @@
 
     python bench/patchcore.py [--datasets mvtec_screw kolektorsdd_commutator]
                               [--coreset-ratio 0.1] [--with-anomalib] [--resize-backend pil tensor]
-                              [--image-score max paper]
+                              [--image-score max paper] [--seed 0 1 2 ...]
                               [--data-root ../shared/data] [--out /tmp/patchcore_bench.json]
     python bench/patchcore.py --render A.json [B.json ...]   # tables from saved results
 
@@ -27,6 +27,12 @@ function, ``iad_lightning.metrics.compute_metrics``, on each implementation's ra
   geometry (shorter side 256, centre crop 224), coreset ratio; anomalib's own
   ``num_neighbors=9``. Its ``engine.fit`` also runs a validation pass over the test set (to fit
   its score normalisation); that pass is reported apart and not counted in "fit".
+
+``--seed S [S ...]`` repeats every run once per seed (each side seeds its own coreset; ours also
+its loaders): at a 1 % coreset on a small test set one seed moves image AUROC by 1-2 points, so
+accuracy is compared on the mean over seeds (a second table: mean, standard error, min/max, and
+anomalib's mean minus each column's, with the standard error of that difference). The first
+table shows the lowest seed's run of each column. ``--render`` merges files, e.g. one per seed.
 
 Data: MVTec-layout folders ``<data-root>/<set>`` (default ``<repo>/../shared/data``;
 CC BY-NC-SA 4.0, see its README.md for attribution; never copied into the repo). A missing set
@@ -143,6 +149,7 @@ def run_ours(data_root: str, dataset: str, coreset_ratio: float, batch_size: int
     fe = model.feature_extractor
     return {
         "impl": "ours",
+        "seed": seed,
         "label": f"ours {dims} {resize_backend}" + (" Eq.7" if image_score == "paper" else "")
                  + ("" if projection_dim == 128 else f" proj {projection_dim}") + ("" if crop else " no crop")
                  + (f" {json.dumps(search, separators=(',', ':'))}" if search else ""),
@@ -279,14 +286,110 @@ def table(dataset: str, runs: dict[str, dict]) -> str:
     return head + "\n".join(lines)
 
 
+def _mean_se(values: list[float]) -> tuple[float, float | None]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def seed_table(dataset: str, by_label: dict[str, list[dict]]) -> str:
+    """Accuracy over coreset seeds, a column per run label: mean, standard error, min/max of
+    each metric (in %), and anomalib's mean image AUROC minus the column's with the standard
+    error of that difference (independent seeds on each side)."""
+    labels = sorted((k for k in by_label if by_label[k][0]["impl"] == "ours"),
+                    key=lambda k: by_label[k][0].get("order", 0))
+    labels += [k for k in by_label if by_label[k][0]["impl"] == "anomalib"]
+    lines = [f"**{dataset}** over coreset seeds (metrics in %)\n",
+             "| " + " | ".join(["", *labels]) + " |", "|" + "|".join(["---"] + ["---:"] * len(labels)) + "|"]
+    stats = {k: {key: _mean_se([100 * r["metrics"][key] for r in by_label[k]]) for key, _ in METRICS}
+             for k in labels}
+    lines.append("| seeds | " + " | ".join(str(len(by_label[k])) for k in labels) + " |")
+    for key, name in METRICS:
+        cells = [f"{m:.2f}" + (f" ± {se:.2f}" if se is not None else "") for m, se in (stats[k][key] for k in labels)]
+        lines.append(f"| {name}, mean ± SE | " + " | ".join(cells) + " |")
+    aurocs = {k: [100 * r["metrics"]["image_auroc"] for r in by_label[k]] for k in labels}
+    lines.append("| image AUROC min / max | " + " | ".join(
+        f"{min(v):.2f} / {max(v):.2f}" for v in aurocs.values()) + " |")
+    ana = next((k for k in labels if by_label[k][0]["impl"] == "anomalib" and k == "anomalib"), None)
+    if ana:
+        am, ase = stats[ana]["image_auroc"]
+
+        def diff(k):
+            if k == ana:
+                return "–"
+            m, se = stats[k]["image_auroc"]
+            if se is None or ase is None:
+                return f"{am - m:+.2f}"
+            return f"{am - m:+.2f} ± {(se ** 2 + ase ** 2) ** 0.5:.2f}"
+
+        lines.append("| anomalib − this, image AUROC | " + " | ".join(diff(k) for k in labels) + " |")
+    lines.append("| predict (s), median | " + " | ".join(
+        f"{sorted(r['predict_s'] for r in by_label[k])[len(by_label[k]) // 2]:.1f}" for k in labels) + " |")
+    per_seed = "; ".join(f"{k}: " + ", ".join(f"{100 * r['metrics']['image_auroc']:.2f} (s{r.get('seed', 0)})"
+                                             for r in by_label[k]) for k in labels)
+    return "\n".join(lines) + "\n\nimage AUROC per seed: " + per_seed
+
+
 def render(results: list[dict]) -> str:
-    by_set: dict[tuple, dict[str, dict]] = {}
+    by_set: dict[tuple, dict[str, list[dict]]] = {}
     for i, r in enumerate(results):
         if r["impl"] == "ours":
             r["validation_s"] = None  # ours has no validation pass (older result files said 0.0)
         r.setdefault("order", i)
-        by_set.setdefault((r["dataset"], r["coreset_ratio"]), {})[label_of(r)] = r
-    return "\n\n".join(table(ds, runs) for (ds, _), runs in by_set.items())
+        r.setdefault("seed", 0)
+        by_set.setdefault((r["dataset"], r["coreset_ratio"]), {}).setdefault(label_of(r), []).append(r)
+    parts = []
+    for (ds, _), by_label in by_set.items():
+        for runs in by_label.values():
+            runs.sort(key=lambda r: r["seed"])
+        parts.append(table(ds, {k: runs[0] for k, runs in by_label.items()}))
+        if any(len(runs) > 1 for runs in by_label.values()):
+            parts.append(seed_table(ds, by_label))
+    return "\n\n".join(parts)
+
+
+def _load_runs(path: str) -> list[dict]:
+    """Runs of a saved result file; files from before results carried their seed get it from
+    the file's command line (``--seed S``), which then ran every run of the file with S."""
+    saved = json.loads(Path(path).read_text())
+    argv = saved.get("argv") or []
+    seed = int(argv[argv.index("--seed") + 1]) if "--seed" in argv and argv.index("--seed") + 1 < len(argv) else 0
+    for r in saved["runs"]:
+        r.setdefault("seed", seed)
+    return saved["runs"]
+
+
+def run_seed(args: argparse.Namespace, dataset: str, seed: int, data_root: Path, anomalib_ok: bool,
+             log_dir: Path, env: dict) -> list[dict]:
+    """Every configuration of one data set with one seed, each in a fresh subprocess."""
+    results = []
+    suffix = f"_s{seed}" if len(args.seed) > 1 else ""
+    common = ["--coreset-ratio", str(args.coreset_ratio), "--seed", str(seed),
+              "--batch-size", str(args.batch_size), "--data-root", str(data_root)]
+    for crop in args.crop if anomalib_ok else []:
+        cmd = [args.anomalib_python, str(REPO / "bench" / "_anomalib_patchcore.py"), "--dataset", dataset, *common,
+               "--crop", "0" if crop == "none" else crop]
+        tag = ("_nocrop" if crop == "none" else "") + suffix
+        r = run_subprocess(cmd, f"anomalib_{dataset}_{args.coreset_ratio}{tag}", log_dir, env)
+        if r:
+            r["label"] = "anomalib" + (" no crop" if crop == "none" else "")
+            r["seed"] = seed
+            results.append(r)
+    runs = [] if args.skip_ours else [(d, b, s, c) for c in args.crop for d in args.dims
+                                      for b in args.resize_backend for s in args.image_score]
+    for dims, backend, score, crop in runs:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common,
+               "--_worker-dims", dims, "--resize-backend", backend, "--image-score", score,
+               "--projection-dim", args.projection_dim, "--crop", crop] + (
+                   ["--search", args.search] if args.search else [])
+        tag = (dims.replace('/', '-').replace(',', '_') + ("_eq7" if score == "paper" else "")
+               + ("_nocrop" if crop == "none" else ""))
+        r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}_{tag}_{backend}{suffix}", log_dir, env)
+        if r:
+            results.append(r)
+    return results
 
 
 def main() -> None:
@@ -313,7 +416,8 @@ def main() -> None:
                         help="centre crop of both (default 224) and/or none: the whole image resized to a "
                              "256 square (ours method.crop=null, anomalib Resize((256, 256)))")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0],
+                        help="coreset (and loader) seeds; every run is repeated once per seed")
     parser.add_argument("--out", default=None, help="JSON file (default /tmp/patchcore_bench_<host>.json)")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only print tables from saved JSON files")
     parser.add_argument("--_worker-ours", dest="worker", metavar="DATASET", help=argparse.SUPPRESS)
@@ -322,14 +426,14 @@ def main() -> None:
 
     if args.worker:  # inside the fresh subprocess
         search = json.loads(args.search) if args.search else None
-        result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed,
+        result = run_ours(args.data_root, args.worker, args.coreset_ratio, args.batch_size, args.seed[0],
                           args.worker_dims, search, args.resize_backend[0], args.image_score[0],
                           None if args.projection_dim == "none" else int(args.projection_dim),
                           None if args.crop[0] == "none" else int(args.crop[0]))
         print(MARK + json.dumps(result), flush=True)
         return
     if args.render:
-        results = [r for path in args.render for r in json.loads(Path(path).read_text())["runs"]]
+        results = [r for path in args.render for r in _load_runs(path)]
         print(render(results))
         return
 
@@ -351,28 +455,8 @@ def main() -> None:
         if not (data_root / dataset / "train").is_dir():
             print(f"[bench] skip {dataset}: no MVTec-layout folder {data_root / dataset}", flush=True)
             continue
-        common = ["--coreset-ratio", str(args.coreset_ratio), "--seed", str(args.seed),
-                  "--batch-size", str(args.batch_size), "--data-root", str(data_root)]
-        for crop in args.crop if anomalib_ok else []:
-            cmd = [args.anomalib_python, str(REPO / "bench" / "_anomalib_patchcore.py"), "--dataset", dataset, *common,
-                   "--crop", "0" if crop == "none" else crop]
-            r = run_subprocess(cmd, f"anomalib_{dataset}_{args.coreset_ratio}" + ("_nocrop" if crop == "none" else ""),
-                               log_dir, env)
-            if r:
-                r["label"] = "anomalib" + (" no crop" if crop == "none" else "")
-                results.append(r)
-        runs = [] if args.skip_ours else [(d, b, s, c) for c in args.crop for d in args.dims
-                                          for b in args.resize_backend for s in args.image_score]
-        for dims, backend, score, crop in runs:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker-ours", dataset, *common,
-                   "--_worker-dims", dims, "--resize-backend", backend, "--image-score", score,
-                   "--projection-dim", args.projection_dim, "--crop", crop] + (
-                       ["--search", args.search] if args.search else [])
-            tag = (dims.replace('/', '-').replace(',', '_') + ("_eq7" if score == "paper" else "")
-                   + ("_nocrop" if crop == "none" else ""))
-            r = run_subprocess(cmd, f"ours_{dataset}_{args.coreset_ratio}_{tag}_{backend}", log_dir, env)
-            if r:
-                results.append(r)
+        for seed in args.seed:
+            results += run_seed(args, dataset, seed, data_root, anomalib_ok, log_dir, env)
         out.write_text(json.dumps({"host": platform.node(), "python": sys.version.split()[0],
                                    "cpu_count": os.cpu_count(), "argv": sys.argv[1:], "commit": _commit(),
                                    "load_before": load_before, "load_after": os.getloadavg(),

@@ -1,0 +1,58 @@
+"""bench/patchcore.py's result tables: runs over several coreset seeds are aggregated per column."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "patchcore.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_patchcore", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(impl: str, seed: int, auroc: float, label: str | None = None) -> dict:
+    metrics = {"image_auroc": auroc, "image_ap": 0.5, "image_f1max": 0.5, "pixel_auroc": 0.5, "pixel_aupro": 0.5}
+    return {"impl": impl, "label": label or impl, "seed": seed, "dataset": "set", "coreset_ratio": 0.01,
+            "n_train": 10, "n_test": 5, "device": "cpu", "fit_s": 1.0, "coreset_s": 0.5, "predict_s": 2.0 + seed,
+            "predict_images_per_s": 2.5, "max_rss_mib": 100.0, "memory_bank": [18, 152], "metrics": metrics}
+
+
+def test_mean_and_standard_error(bench):
+    mean, se = bench._mean_se([90.0, 92.0, 94.0])
+    assert mean == pytest.approx(92.0)
+    assert se == pytest.approx(2.0 / math.sqrt(3))  # sample std 2, n 3
+    assert bench._mean_se([91.0]) == (91.0, None)
+
+
+def test_seed_table_means_and_difference(bench):
+    runs = [_run("ours", 0, 0.90, "ours auto/auto pil"), _run("ours", 1, 0.92, "ours auto/auto pil"),
+            _run("anomalib", 0, 0.93), _run("anomalib", 1, 0.95)]
+    text = bench.render(runs)
+    assert "over coreset seeds" in text
+    row = next(line for line in text.splitlines() if line.startswith("| image AUROC, mean ± SE"))
+    assert "91.00 ± 1.00" in row and "94.00 ± 1.00" in row
+    diff = next(line for line in text.splitlines() if line.startswith("| anomalib − this"))
+    assert f"+3.00 ± {math.sqrt(2):.2f}" in diff
+    # the first table shows the lowest seed's run of each column
+    first = text.split("over coreset seeds")[0]
+    assert "| image AUROC | 0.9000 | 0.9300 |" in first
+
+
+def test_single_seed_has_no_seed_table(bench):
+    assert "over coreset seeds" not in bench.render([_run("ours", 0, 0.9), _run("anomalib", 0, 0.91)])
+
+
+def test_seed_of_older_result_files_from_their_command_line(bench, tmp_path):
+    run = _run("anomalib", 0, 0.9)
+    del run["seed"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"argv": ["--seed", "7"], "runs": [run]}))
+    assert bench._load_runs(str(path))[0]["seed"] == 7
