@@ -1,0 +1,214 @@
+"""Benchmark: how much PatchCore's image AUROC moves with the coreset seed, per coreset algorithm.
+
+    python bench/patchcore_seeds.py [--datasets kolektorsdd_commutator mvtec_screw]
+                                    [--resize-backend pil tensor] [--variants official exact kcenter]
+                                    [--seeds 0-39] [--coreset-ratio 0.01]
+    /work/venvs/anomalib/bin/python bench/patchcore_seeds.py --variants sparse ...   # anomalib's projection
+
+At a 1 % coreset on a set of ~150 test images one seed moves image AUROC by 1-2 points, so one
+run of each implementation (``bench/patchcore.py``) cannot say which is more accurate. Full runs
+cost ~20 s (ours) and 3-10 min (anomalib) per seed; here the patch embeddings are computed once
+and cached, and only the coreset and the nearest-neighbour scores are redone per seed (a few
+seconds each), so 40 seeds per variant are cheap.
+
+Embeddings: our ``PatchCore`` with ``tf_efficientnet_lite0`` layers 2 + 3 (offline package
+weights), today's defaults (the 152-d ``auto`` embedding, 256 -> 224 centre crop), per
+``--resize-backend``; with ``tensor`` they equal anomalib 2.7's PatchCore features to ~1e-6
+(relative). Cached in ``--cache-dir`` (never in the repo). Scores: the official image score, the
+max over patches of the squared distance to the nearest bank row, exact in float32.
+
+Coreset variants (all at ``--coreset-ratio``):
+  * ``official``: ours, ``approximate_greedy_coreset`` (128-d dense random projection, mean
+    distance to 10 random starts, official patchcore-inspection), exactly what a run selects;
+  * ``exact``: the same without the projection (``projection_dim=None``);
+  * ``kcenter``: anomalib's ``KCenterGreedy`` loop (one random start, kept in the coreset) on
+    exact distances;
+  * ``sparse``: the same loop on anomalib's own ``SparseRandomProjection(eps=0.9)`` (about 300
+    dims here), i.e. anomalib's selection; needs anomalib importable, so run it with the anomalib
+    venv's Python (bench/README.md) after a run in ours has written the cache.
+
+Data: ``../shared/data`` (CC BY-NC-SA 4.0, see its README.md; never copied into the repo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+VARIANTS = ("official", "exact", "kcenter", "sparse")
+
+
+def parse_seeds(specs: list[str]) -> list[int]:
+    """``0-39`` or ``0 1 5`` -> a list of ints."""
+    seeds: list[int] = []
+    for spec in specs:
+        lo, sep, hi = spec.partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    return seeds
+
+
+def cache_path(cache_dir: Path, dataset: str, backend: str) -> Path:
+    return cache_dir / f"{dataset}_{backend}.pt"
+
+
+def extract(data_root: Path, dataset: str, backend: str, path: Path) -> None:
+    """Train and test patch embeddings and test labels of one set, as one full run computes them."""
+    sys.path.insert(0, str(REPO))
+    from iad_lightning.data.datamodule import AnomalyDataModule
+    from iad_lightning.methods.patchcore import PatchCore
+
+    datamodule = AnomalyDataModule(format="mvtec", root=str(data_root), category=dataset, batch_size=32, seed=0)
+    model = PatchCore(backbone={"name": "tf_efficientnet_lite0", "layers": [2, 3], "weights": "lite0"},
+                      resize_backend=backend).eval()
+    datamodule.preprocess = model.preprocess
+    datamodule.setup("fit")
+    out = {}
+    with torch.no_grad():
+        for split in ("train", "test"):
+            embeddings, labels = [], []
+            for batch in datamodule._loader(split, 32, False):
+                embedding, _ = model.model.embed(model.feature_extractor(batch["image"]))
+                embeddings.append(embedding)
+                labels.append(batch["label"])
+            out[split], out[f"{split}_label"] = torch.cat(embeddings), torch.cat(labels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    print(f"[seeds] cached {dataset} ({backend}): train {tuple(out['train'].shape)}, test "
+          f"{tuple(out['test'].shape)} -> {path}", flush=True)
+
+
+def kcenter(features: torch.Tensor, num_select: int, generator: torch.Generator) -> torch.Tensor:
+    """anomalib's ``KCenterGreedy.select_coreset_idxs`` on ``features``: a random start kept in the
+    coreset, then the point farthest from the selected ones, repeatedly (squared distances: the
+    same argmax as anomalib's Euclidean ones)."""
+    n = len(features)
+    sq = (features * features).sum(1)
+    idx = int(torch.randint(n, (1,), generator=generator))
+    min_sq = torch.full((n,), float("inf"))
+    selected = [idx]
+    for _ in range(num_select - 1):
+        dist = (sq - 2 * (features @ features[idx]) + sq[idx]).clamp_(min=0)
+        torch.minimum(min_sq, dist, out=min_sq)
+        min_sq[idx] = 0
+        idx = int(min_sq.argmax())
+        min_sq[idx] = 0
+        selected.append(idx)
+    return torch.tensor(selected)
+
+
+def select(variant: str, train: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    num_select = int(len(train) * ratio)
+    if variant in ("official", "exact"):
+        sys.path.insert(0, str(REPO))
+        from iad_lightning.models.coreset import approximate_greedy_coreset
+
+        return approximate_greedy_coreset(train, ratio, 128 if variant == "official" else None, 10, seed)
+    generator = torch.Generator().manual_seed(seed)
+    if variant == "kcenter":
+        return kcenter(train, num_select, generator)
+    try:  # variant == "sparse"
+        from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
+    except ImportError as err:
+        raise SystemExit("--variants sparse needs anomalib: run this script with the anomalib venv's Python "
+                         f"(bench/README.md) ({err})") from err
+    torch.manual_seed(seed)  # the projection draws from the global generators
+    np.random.seed(seed)
+    projected = SparseRandomProjection(eps=0.9).fit(train).transform(train).contiguous()
+    return kcenter(projected, num_select, generator)
+
+
+def image_scores(test: torch.Tensor, bank: torch.Tensor) -> np.ndarray:
+    """Official image score per test image: max over patches of the squared NN distance."""
+    bank_sq = (bank * bank).sum(1)
+    scores = [((t * t).sum(1, keepdim=True) - 2 * t @ bank.T + bank_sq).amin(1).clamp_(min=0).amax().item()
+              for t in test]
+    return np.asarray(scores)
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    try:
+        sys.path.insert(0, str(REPO))
+        from iad_lightning.metrics import auroc as exact_auroc
+
+        return exact_auroc(scores, labels)
+    except ImportError:  # the anomalib venv: rank statistic with ties counted half (the same value)
+        from scipy.stats import rankdata
+
+        ranks = rankdata(scores)
+        pos = labels == 1
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["kolektorsdd_commutator", "mvtec_screw"])
+    parser.add_argument("--resize-backend", nargs="+", choices=("pil", "tensor"), default=["pil", "tensor"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["official", "exact", "kcenter"])
+    parser.add_argument("--seeds", nargs="+", default=["0-39"], help="e.g. 0-39 or 0 1 2")
+    parser.add_argument("--coreset-ratio", type=float, default=0.01)
+    parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
+    parser.add_argument("--cache-dir", default="/tmp/patchcore_seeds")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="JSON of every seed's AUROC (default <cache-dir>/results.json)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = parse_seeds(args.seeds)
+    cache_dir, data_root = Path(args.cache_dir), Path(args.data_root)
+    out = Path(args.out or cache_dir / "results.json")
+    saved = json.loads(out.read_text()) if out.is_file() else {}
+
+    for dataset in args.datasets:
+        if not (data_root / dataset / "train").is_dir():
+            print(f"[seeds] skip {dataset}: no MVTec-layout folder {data_root / dataset}", flush=True)
+            continue
+        for backend in args.resize_backend:
+            path = cache_path(cache_dir, dataset, backend)
+            if not path.is_file():
+                extract(data_root, dataset, backend, path)
+            cached = torch.load(path, weights_only=True)
+            train = cached["train"].reshape(-1, cached["train"].shape[-1])
+            test, labels = cached["test"], cached["test_label"].numpy()
+            for variant in args.variants:
+                key = f"{dataset} {backend} {variant} {args.coreset_ratio}"
+                values = {}
+                for seed in seeds:
+                    t = time.perf_counter()
+                    idx = select(variant, train, args.coreset_ratio, seed)
+                    values[seed] = 100 * auroc(image_scores(test, train[idx]), labels)
+                    print(f"[seeds] {key} seed {seed}: image AUROC {values[seed]:.2f} "
+                          f"({time.perf_counter() - t:.1f} s)", flush=True)
+                saved[key] = {str(s): v for s, v in values.items()}
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(saved, indent=1))
+
+    print(f"\n[seeds] results: {out}\n")
+    print("| set | resize | coreset | ratio | seeds | image AUROC, mean ± SE | min / max |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for key, values in saved.items():
+        dataset, backend, variant, ratio = key.split()
+        v = list(values.values())
+        mean, se = mean_se(v)
+        print(f"| {dataset} | {backend} | {variant} | {ratio} | {len(v)} | {mean:.2f} ± {se:.2f} | "
+              f"{min(v):.2f} / {max(v):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
