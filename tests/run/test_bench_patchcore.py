@@ -56,3 +56,28 @@ def test_seed_of_older_result_files_from_their_command_line(bench, tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps({"argv": ["--seed", "7"], "runs": [run]}))
     assert bench._load_runs(str(path))[0]["seed"] == 7
+
+
+@pytest.fixture(scope="module")
+def seeds_bench():
+    spec = importlib.util.spec_from_file_location("bench_patchcore_seeds", BENCH.with_name("patchcore_seeds.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_ranges(seeds_bench):
+    assert seeds_bench.parse_seeds(["0-3", "7"]) == [0, 1, 2, 3, 7]
+
+
+def test_kcenter_is_farthest_point_greedy(seeds_bench):
+    import torch
+
+    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(1))
+    got = seeds_bench.kcenter(x, 12, torch.Generator().manual_seed(3)).tolist()
+    start = int(torch.randint(200, (1,), generator=torch.Generator().manual_seed(3)))
+    want = [start]
+    for _ in range(11):  # naive: the point whose nearest selected point is farthest
+        want.append(int(torch.cdist(x, x[want]).amin(1).argmax()))
+    assert got == want
+    assert len(set(got)) == 12
