@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,13 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # iad_lightning (its numpy/torch parts also import in the
+# anomalib venv) and bench/patchcore.py
+from iad_lightning.metrics import auroc  # noqa: E402
+from iad_lightning.models.coreset import approximate_greedy_coreset  # noqa: E402
+from iad_lightning.models.nn_search import torch_knn  # noqa: E402
+from patchcore import _mean_se  # noqa: E402
+
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 VARIANTS = ("official", "exact", "kcenter", "sparse")
 
@@ -62,7 +68,6 @@ def cache_path(cache_dir: Path, dataset: str, backend: str) -> Path:
 
 def extract(data_root: Path, dataset: str, backend: str, path: Path) -> None:
     """Train and test patch embeddings and test labels of one set, as one full run computes them."""
-    sys.path.insert(0, str(REPO))
     from iad_lightning.data.datamodule import AnomalyDataModule
     from iad_lightning.methods.patchcore import PatchCore
 
@@ -108,9 +113,6 @@ def kcenter(features: torch.Tensor, num_select: int, generator: torch.Generator)
 def select(variant: str, train: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
     num_select = int(len(train) * ratio)
     if variant in ("official", "exact"):
-        sys.path.insert(0, str(REPO))
-        from iad_lightning.models.coreset import approximate_greedy_coreset
-
         return approximate_greedy_coreset(train, ratio, 128 if variant == "official" else None, 10, seed)
     generator = torch.Generator().manual_seed(seed)
     if variant == "kcenter":
@@ -128,32 +130,8 @@ def select(variant: str, train: torch.Tensor, ratio: float, seed: int) -> torch.
 
 def image_scores(test: torch.Tensor, bank: torch.Tensor) -> np.ndarray:
     """Official image score per test image: max over patches of the squared NN distance."""
-    bank_sq = (bank * bank).sum(1)
-    scores = [((t * t).sum(1, keepdim=True) - 2 * t @ bank.T + bank_sq).amin(1).clamp_(min=0).amax().item()
-              for t in test]
-    return np.asarray(scores)
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    try:
-        sys.path.insert(0, str(REPO))
-        from iad_lightning.metrics import auroc as exact_auroc
-
-        return exact_auroc(scores, labels)
-    except ImportError:  # the anomalib venv: rank statistic with ties counted half (the same value)
-        from scipy.stats import rankdata
-
-        ranks = rankdata(scores)
-        pos = labels == 1
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    dist, _ = torch_knn(test.reshape(-1, test.shape[-1]), bank, 1)
+    return dist.view(test.shape[0], -1).amax(1).numpy()
 
 
 def main() -> None:
@@ -205,8 +183,9 @@ def main() -> None:
     for key, values in saved.items():
         dataset, backend, variant, ratio = key.split()
         v = list(values.values())
-        mean, se = mean_se(v)
-        print(f"| {dataset} | {backend} | {variant} | {ratio} | {len(v)} | {mean:.2f} ± {se:.2f} | "
+        mean, se = _mean_se(v)
+        spread = f" ± {se:.2f}" if se is not None else ""
+        print(f"| {dataset} | {backend} | {variant} | {ratio} | {len(v)} | {mean:.2f}{spread} | "
               f"{min(v):.2f} / {max(v):.2f} |")
 
 
