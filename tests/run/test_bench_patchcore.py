@@ -81,3 +81,27 @@ def test_kcenter_is_farthest_point_greedy(seeds_bench):
         want.append(int(torch.cdist(x, x[want]).amin(1).argmax()))
     assert got == want
     assert len(set(got)) == 12
+
+
+def test_seed_cache_per_geometry(seeds_bench, tmp_path):
+    """The centre-cropped and the uncropped embeddings of a set never share a cache file."""
+    cropped = seeds_bench.cache_path(tmp_path, "set", "pil")
+    assert cropped == seeds_bench.cache_path(tmp_path, "set", "pil", 224) == tmp_path / "set_pil.pt"
+    assert seeds_bench.cache_path(tmp_path, "set", "pil", None) == tmp_path / "set_pil_nocrop.pt"
+
+
+def test_seed_bench_eq7_weight_is_the_models(seeds_bench):
+    """The seed bench's anomalib score is the model's Eq. 7 weight times the Euclidean max distance
+    (the model's ``paper_reweighting`` multiplies the squared one), and ``max`` is the official score."""
+    import torch
+
+    from iad_lightning.models.patchcore import PatchCoreModel
+
+    gen = torch.Generator().manual_seed(0)
+    test, bank = torch.randn(4, 30, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    scores = seeds_bench.image_scores(test, bank, ("max", "paper"))
+    model = PatchCoreModel(8, 8, paper_reweighting=True).fit(bank)
+    patch, nn_index = model.patch_scores(test)
+    torch.testing.assert_close(torch.from_numpy(scores["max"]), patch.amax(1))
+    weight = model.reweighted_image_scores(test, patch, nn_index) / patch.amax(1)
+    torch.testing.assert_close(torch.from_numpy(scores["paper"]), weight * patch.amax(1).sqrt())
