@@ -3,6 +3,7 @@
     python bench/patchcore_seeds.py [--datasets kolektorsdd_commutator mvtec_screw]
                                     [--resize-backend pil tensor] [--variants official exact kcenter]
                                     [--seeds 0-39] [--coreset-ratio 0.01] [--crop 224 none]
+                                    [--image-score max paper]
     /work/venvs/anomalib/bin/python bench/patchcore_seeds.py --variants sparse ...   # anomalib's projection
 
 At a 1 % coreset on a set of ~150 test images one seed moves image AUROC by 1-2 points, so one
@@ -15,7 +16,8 @@ Embeddings: our ``PatchCore`` with ``tf_efficientnet_lite0`` layers 2 + 3 (offli
 weights), today's defaults (the 152-d ``auto`` embedding, 256 -> 224 centre crop), per
 ``--resize-backend``; with ``tensor`` they equal anomalib 2.7's PatchCore features to ~1e-6
 (relative). Cached in ``--cache-dir`` (never in the repo). Scores: the official image score, the
-max over patches of the squared distance to the nearest bank row, exact in float32.
+max over patches of the squared distance to the nearest bank row, exact in float32, and with
+``--image-score paper`` also anomalib's Eq. 7 (``image_scores``).
 
 ``--crop none`` caches the embeddings of the whole image resized to a 256 square (``method.crop=null``,
 anomalib's ``Resize((256, 256))``) instead of the 224 centre crop of the shorter-side-256 image,
@@ -52,6 +54,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]  # iad_lightning (its numpy/torc
 from iad_lightning.metrics import auroc  # noqa: E402
 from iad_lightning.models.coreset import approximate_greedy_coreset  # noqa: E402
 from iad_lightning.models.nn_search import torch_knn  # noqa: E402
+from iad_lightning.models.patchcore import PatchCoreModel  # noqa: E402
 from patchcore import _mean_se  # noqa: E402
 
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
@@ -137,20 +140,18 @@ def image_scores(test: torch.Tensor, bank: torch.Tensor, scores: tuple[str, ...]
     """Image scores per test image from one nearest-neighbour pass, for each name in ``scores``:
 
     * ``max``: the official score, the max over patches of the squared NN distance;
-    * ``paper``: anomalib's Eq. 7, its Euclidean max patch distance s* times 1 - softmax of the
-      distances from that patch to the 9 nearest bank rows of its nearest bank row m* (m* first).
+    * ``paper``: anomalib's Eq. 7, its Euclidean max patch distance s* times
+      ``PatchCoreModel.reweighting_weights`` (1 - softmax of the distances from that patch to the
+      9 nearest bank rows of its nearest bank row).
     """
     b, p, d = test.shape
     dist, idx = torch_knn(test.reshape(-1, d), bank, 1)
     dist, idx = dist.view(b, p), idx.view(b, p)
-    out = {"max": dist.amax(1).numpy()}
+    out = {"max": dist.amax(1)}
     if "paper" in scores:
-        rows, top = torch.arange(b), dist.argmax(1)
-        m_test, m_star = test[rows, top], bank[idx[rows, top]]
-        _, support = torch_knn(m_star, bank, min(9, len(bank)))  # N_b(m*), m* itself first
-        weight = 1 - torch.softmax((m_test[:, None] - bank[support]).norm(dim=2), dim=1)[:, 0]
-        out["paper"] = (weight * dist[rows, top].clamp(min=0).sqrt()).numpy()
-    return {name: out[name] for name in scores}
+        model = PatchCoreModel(d, d, reweight_neighbors=9).fit(bank)
+        out["paper"] = model.reweighting_weights(test, dist, idx) * out["max"].clamp(min=0).sqrt()
+    return {name: out[name].numpy() for name in scores}
 
 
 def main() -> None:

@@ -420,15 +420,21 @@ class PatchCoreModel(nn.Module):
     def reweighted_image_scores(self, embedding: Tensor, patch_scores: Tensor, nn_index: Tensor) -> Tensor:
         """Paper Eq. 7: s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*.
 
-        m_test* is each image's patch with the largest score s*, m* its nearest bank row and N_b(m*)
+        s* is each image's largest patch score, here our (squared) one; the weight is
+        ``reweighting_weights``. The official code does not implement this (issues #27, #54).
+        """
+        return self.reweighting_weights(embedding, patch_scores, nn_index) * patch_scores.amax(1)
+
+    def reweighting_weights(self, embedding: Tensor, patch_scores: Tensor, nn_index: Tensor) -> Tensor:
+        """The weight of Eq. 7 per image, (B,): 1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||.
+
+        m_test* is each image's patch with the largest score, m* its nearest bank row and N_b(m*)
         the b = ``reweight_neighbors`` nearest bank rows of m* (m* itself first). The norms are
-        Euclidean, as in anomalib's ``1 - softmax(distances)[0]``; s* stays our (squared) patch score.
-        The official code does not implement this (issues #27, #54).
+        Euclidean, as in anomalib's ``1 - softmax(distances)[0]``.
         """
         b = embedding.shape[0]
         rows = torch.arange(b, device=embedding.device)
         top = patch_scores.argmax(1)
-        s_star = patch_scores[rows, top]  # s*
         m_test = embedding[rows, top]  # m_test*, (B, D)
         bank = self.memory_bank.to(embedding.device)
         m_star = bank[nn_index[rows, top].to(bank.device)]  # m*, (B, D)
@@ -436,8 +442,7 @@ class PatchCoreModel(nn.Module):
         d_star = (m_test - m_star).norm(dim=1)  # ||m_test* - m*||
         d_support = (m_test.unsqueeze(1) - bank[support.to(bank.device)]).norm(dim=2)  # (B, b)
         # exp(d*) / sum exp(d_m), computed stably in log space.
-        weight = 1.0 - torch.exp(d_star - torch.logsumexp(d_support, dim=1))
-        return weight * s_star
+        return 1.0 - torch.exp(d_star - torch.logsumexp(d_support, dim=1))
 
     def anomaly_map(self, patch_scores: Tensor, grid: tuple[int, int], input_size: tuple[int, int]) -> Tensor:
         """(B, H * W) patch scores -> (B, 1, H_in, W_in): bilinear (align_corners=False) to the input
