@@ -15,6 +15,7 @@ widths of the normalised score, NaN until calibrated.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -34,6 +35,18 @@ from iad_lightning.results import mean_over_categories
 
 
 CURVE_POINTS = 4000  # vertices kept per curve for the plots (the metrics use every point)
+
+# Lightning warnings that do not apply to these methods (there is nothing for a user to change):
+# - the held-out normal images are the datamodule's validation split for threshold calibration
+#   (calibration.py), not for a validation loop, which methods without validation_step skip on purpose;
+warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+# - memory-bank and Gaussian methods (PatchCore, PaDiM, FeatureNorm) fit without an optimiser;
+warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
+# - frozen pretrained backbones (and EfficientAD's teacher) stay in eval mode on purpose: their
+#   batch-norm statistics are part of the weights;
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# - Lightning's own call of a torch pytree API that torch deprecated (gone with a newer Lightning).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class AnomalyModule(L.LightningModule):
@@ -68,6 +81,14 @@ class AnomalyModule(L.LightningModule):
         normalisation baked in, for ``python -m iad_lightning.export``. Methods that can be
         exported override this."""
         raise ConfigError(f"method {type(self).__name__} cannot be exported (no export_module)")
+
+    def on_fit_start(self) -> None:
+        # configure_optimizers returned None: Lightning runs the fit with a mock optimiser. Such a fit
+        # logs nothing per step, so Lightning's "training batches smaller than the logging interval"
+        # advice does not apply to it.
+        if all(type(opt).__name__ == "_MockOptimizer" for opt in self.trainer.optimizers):
+            warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the "
+                                    r"logging interval")
 
     # -- shared evaluation path ---------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
