@@ -6,6 +6,8 @@ first value of any other) and `python -m iad_lightning.<module> ...` (its own ar
 Paths need not exist (`/datasets/...` is a placeholder); a `<date>` run folder stands for a fixed
 date, any other `<placeholder>` for a word. A command that cannot be checked is marked on its line
 with `# docs-test: skip` (or `<!-- docs-test: skip -->` right above its code block) and says why.
+Option names quoted in the text (an inline `method.crop=null`) must be a key of some option of
+their config group, and a group choice (`data=folder`) an existing file.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 # -- Markdown: code blocks, command lines, links and GitHub anchors -----------------------------
 
@@ -136,6 +139,24 @@ def _logical_lines(body: str, first: int) -> list[tuple[int, str]]:
     return out
 
 
+def inline_spans(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every inline code span in prose; a span wrapped over two lines is read whole."""
+    prose, _ = split_fences(path.read_text(encoding="utf-8"))
+    out, para = [], []
+    for n, line in prose + [(10**9, "")]:
+        if line.strip():
+            para.append((n, line.strip()))
+            continue
+        joined, starts = "", []
+        for ln, l in para:
+            starts.append((len(joined), ln))
+            joined += l + " "
+        for m in re.finditer(r"`([^`]+)`", joined):
+            out.append((max(ln for off, ln in starts if off <= m.start()), m.group(1).strip()))
+        para = []
+    return out
+
+
 def commands(path: Path) -> list[tuple[int, str, bool]]:
     """(line, command text from `python` on, skipped) for every documented command of a page:
     fenced shell blocks line by line (continuations joined) and inline code spans (which may wrap)."""
@@ -151,21 +172,9 @@ def commands(path: Path) -> list[tuple[int, str, bool]]:
             m = COMMAND.search(line)
             if m:
                 found.append((n, line[m.start():], block_skip or SKIP_MARKER in line))
-    # inline spans: join each paragraph so that spans wrapped over two lines are read whole
-    para: list[tuple[int, str]] = []
-    for n, line in prose + [(10**9, "")]:
-        if line.strip():
-            para.append((n, line.strip()))
-            continue
-        joined, starts = "", []
-        for ln, l in para:
-            starts.append((len(joined), ln))
-            joined += l + " "
-        for m in re.finditer(r"`([^`]+)`", joined):
-            if COMMAND.match(m.group(1)) and COMMAND.sub("", m.group(1), 1).strip():  # `python train.py` alone names the program
-                line_no = max(ln for off, ln in starts if off <= m.start())
-                found.append((line_no, m.group(1), SKIP_MARKER in joined))
-        para = []
+    for n, span in inline_spans(path):
+        if COMMAND.match(span) and COMMAND.sub("", span, 1).strip():  # `python train.py` alone names the program
+            found.append((n, span, SKIP_MARKER in span))
     return sorted(found)
 
 
@@ -295,6 +304,67 @@ def test_docs_have_commands_and_links():
     assert sum(len(commands(p)) for p in PAGES) >= 50
 
 
+# -- option names in prose: `method.crop=null` must still be a key of some config -----------------
+
+OPTION = re.compile(r"^[a-z][\w]*(?:[./][a-z_][\w]*)*=\S*$")
+ALTERNATIVES = {  # where a key of this group may live: every option of the group, composed lazily
+    "method": "method", "data": "data", "eval_data": "eval_data", "trainer": "trainer", "logger": "logger",
+    "hydra": "hydra/launcher", "backbone": "backbone",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def composed(config_name: str, overrides: tuple[str, ...] = ()):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+def option_spans(path: Path) -> list[tuple[int, str]]:
+    """(line, `key=value`) of inline code spans in prose that consist of Hydra overrides only."""
+    out = []
+    for n, span in inline_spans(path):
+        words = span.split()
+        if words and all(OPTION.match(w) for w in words):
+            out += [(n, w) for w in words]
+    return out
+
+
+def has_key(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node
+
+
+def option_problem(option: str) -> str | None:
+    """Why a documented `key=value` names no config key or group option (None: it does)."""
+    key, _, value = option.partition("=")
+    top = key.split(".")[0].split("/")[0]
+    base = [composed(name) for name in SCRIPTS.values()]
+    if not (CONF / top).is_dir() and not any(top in cfg for cfg in base):
+        return None  # not a config key (a Python argument, an option of another tool, a shorthand)
+    if "/" in key or (CONF / key).is_dir():  # a group choice: data=folder, hydra/launcher=slurm
+        if re.search(r"[<>|.]|^$", value) or value == "null":
+            return None  # a placeholder, alternatives or nothing chosen
+        return None if (CONF / key / f"{value}.yaml").is_file() else f"no config {key}/{value}.yaml"
+    if any(has_key(cfg, key) for cfg in base):
+        return None
+    group = ALTERNATIVES.get(top)
+    options = sorted(p.stem for p in (CONF / group).glob("*.yaml")) if group else []
+    for opt in options:
+        if has_key(composed("train", (f"{group}={opt}",)), key):
+            return None
+    return f"no config has the key {key}" + (f" (tried every {group} option)" if group else "")
+
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_ids(PAGES))
+def test_option_names_in_prose_exist(page):
+    bad = [f"{page.relative_to(REPO)}:{n}: `{opt}`: {why}" for n, opt in option_spans(page)
+           if (why := option_problem(opt))]
+    assert not bad, "options in the text that no config has:\n" + "\n".join(bad)
+
+
 # -- the checker itself, on small made-up pages ------------------------------------------------
 
 def test_extraction_joins_continuations_and_drops_comments(tmp_path):
@@ -321,6 +391,16 @@ def test_checker_catches_what_does_not_compose():
                 "python predict.py ckpt_path=x input=y devcie=cpu"):
         with pytest.raises(Exception):
             check_command(bad)
+
+
+def test_option_checker_knows_keys_of_any_group_option():
+    for ok in ("method.n_features=100", "method.crop=null", "eval_data.root=/x", "data.center_crop=false",
+               "hydra.launcher.partition=gpu", "logger.wandb.project=p", "hydra/launcher=slurm",
+               "data=<format>", "weights_only=True"):  # the last two: a placeholder, not a config key
+        assert option_problem(ok) is None, ok
+    for bad in ("method.no_such_key=1", "eval_data.rooot=/x", "logger.wandb.projekt=p", "data=nosuch",
+                "hydra/launcher=slurmm"):
+        assert option_problem(bad), bad
 
 
 def test_link_checker_catches_missing_files_and_anchors(tmp_path):
