@@ -231,10 +231,10 @@ def hydra_override_sets(overrides: list[str]) -> list[list[str]]:
 
 
 @functools.lru_cache(maxsize=None)  # the same command in several pages is composed once
-def compose_once(config_name: str, overrides: tuple[str, ...]) -> None:
+def composed(config_name: str, overrides: tuple[str, ...] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
 
 
 def check_hydra(config_name: str, args: list[str]) -> None:
@@ -242,7 +242,7 @@ def check_hydra(config_name: str, args: list[str]) -> None:
     if flags := [a for a in overrides if a.startswith("-")]:
         raise ValueError(f"flags the docs test does not know: {flags}")
     for single in hydra_override_sets(overrides):
-        compose_once(config_name, tuple(single))
+        composed(config_name, tuple(single))
 
 
 def check_module(module: str, args: list[str]) -> None:
@@ -311,13 +311,6 @@ ALTERNATIVES = {  # where a key of this group may live: every option of the grou
     "method": "method", "data": "data", "eval_data": "eval_data", "trainer": "trainer", "logger": "logger",
     "hydra": "hydra/launcher", "backbone": "backbone",
 }
-
-
-@functools.lru_cache(maxsize=None)
-def composed(config_name: str, overrides: tuple[str, ...] = ()):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
 
 
 def option_spans(path: Path) -> list[tuple[int, str]]:
