@@ -170,7 +170,7 @@ def commands(path: Path) -> list[tuple[int, str, bool]]:
         block_skip = start >= 3 and SKIP_MARKER in lines[start - 3]  # <!-- ... --> above the fence
         for n, line in _logical_lines(body, start):
             m = COMMAND.search(line)
-            if m:
+            if m and not line.lstrip().startswith("#"):  # a shell comment may name a command
                 found.append((n, line[m.start():], block_skip or SKIP_MARKER in line))
     for n, span in inline_spans(path):
         if COMMAND.match(span) and COMMAND.sub("", span, 1).strip():  # `python train.py` alone names the program
@@ -362,7 +362,7 @@ def test_option_names_in_prose_exist(page):
 
 def test_extraction_joins_continuations_and_drops_comments(tmp_path):
     page = tmp_path / "p.md"
-    page.write_text("text `python test.py\nckpt_path=x` end\n\n```bash\n# a comment\n"
+    page.write_text("text `python test.py\nckpt_path=x` end\n\n```bash\n# a comment on python train.py\n"
                     "python train.py method=uniad \\\n    data=mvtec   # trailing comment\n"
                     "python train.py bad_key_xyz=1  # docs-test: skip\n```\n")
     found = commands(page)
