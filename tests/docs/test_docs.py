@@ -304,6 +304,21 @@ def test_docs_have_commands_and_links():
     assert sum(len(commands(p)) for p in PAGES) >= 50
 
 
+def test_readme_stays_an_entrance():
+    """The README is the way in (install, the main job, your own images, tables, pointers); the
+    manual lives in docs/ (issue 22: at most ~250 lines)."""
+    n = len((REPO / "README.md").read_text(encoding="utf-8").splitlines())
+    assert n <= 250, f"README.md has {n} lines: move the detail into a page under docs/"
+
+
+@pytest.mark.parametrize("page", PAGES[1:], ids=_ids(PAGES[1:]))
+def test_each_page_opens_with_what_a_reader_can_do(page):
+    prose, _ = split_fences(page.read_text(encoding="utf-8"))
+    paragraphs = [line for _, line in prose if line.strip()]
+    assert paragraphs[0].startswith("# ") and paragraphs[1].startswith("What you can do with this page:"), \
+        f"{page.relative_to(REPO)}: a title, then 'What you can do with this page: ...'"
+
+
 # -- option names in prose: `method.crop=null` must still be a key of some config -----------------
 
 OPTION = re.compile(r"^[a-z][\w]*(?:[./][a-z_][\w]*)*=\S*$")
