@@ -88,13 +88,35 @@ def anchors(path: Path) -> set[str]:
 LINK = re.compile(r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 
 
+def paragraphs(path: Path) -> list[tuple[list[tuple[int, int]], str]]:
+    """Prose paragraphs outside code fences, each joined into one line (a link or a code span may
+    wrap), with (offset in the joined text, line number) of each of its lines."""
+    prose, _ = split_fences(path.read_text(encoding="utf-8"))
+    out, para = [], []
+    for n, line in prose + [(10**9, "")]:
+        if line.strip():
+            para.append((n, line.strip()))
+            continue
+        joined, starts = "", []
+        for ln, l in para:
+            starts.append((len(joined), ln))
+            joined += l + " "
+        if para:
+            out.append((starts, joined))
+        para = []
+    return out
+
+
+def _line_at(starts: list[tuple[int, int]], offset: int) -> int:
+    return max(ln for off, ln in starts if off <= offset)
+
+
 def links(path: Path) -> list[tuple[int, str]]:
     """(line number, target) of every inline Markdown link outside code (fences and `spans`)."""
-    prose, _ = split_fences(path.read_text(encoding="utf-8"))
     out = []
-    for n, line in prose:
-        line = re.sub(r"`[^`]*`", "", line)
-        out += [(n, m.group(1)) for m in LINK.finditer(line)]
+    for starts, text in paragraphs(path):
+        text = re.sub(r"`[^`]*`", lambda m: " " * len(m.group(0)), text)  # same offsets, no code
+        out += [(_line_at(starts, m.start()), m.group(1)) for m in LINK.finditer(text)]
     return out
 
 
@@ -141,20 +163,8 @@ def _logical_lines(body: str, first: int) -> list[tuple[int, str]]:
 
 def inline_spans(path: Path) -> list[tuple[int, str]]:
     """(line, text) of every inline code span in prose; a span wrapped over two lines is read whole."""
-    prose, _ = split_fences(path.read_text(encoding="utf-8"))
-    out, para = [], []
-    for n, line in prose + [(10**9, "")]:
-        if line.strip():
-            para.append((n, line.strip()))
-            continue
-        joined, starts = "", []
-        for ln, l in para:
-            starts.append((len(joined), ln))
-            joined += l + " "
-        for m in re.finditer(r"`([^`]+)`", joined):
-            out.append((max(ln for off, ln in starts if off <= m.start()), m.group(1).strip()))
-        para = []
-    return out
+    return [(_line_at(starts, m.start()), m.group(1).strip())
+            for starts, text in paragraphs(path) for m in re.finditer(r"`([^`]+)`", text)]
 
 
 def commands(path: Path) -> list[tuple[int, str, bool]]:
