@@ -92,6 +92,9 @@ class MultirunReport(Callback):
             table = build_report(sweep)
         except FileNotFoundError:  # test=false, predict.py, or every job failed
             return
+        except Exception as err:  # a damaged results.json: the jobs' own outputs are intact
+            print(f"\nNo multirun report for {sweep}: {err}")
+            return
         atomic_write(sweep / "report.md", table)
         print(f"\nMultirun report (python -m iad_lightning.report {sweep}):\n{table}"
               f"written to {sweep / 'report.md'}")

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 # MLflow's monitor says "Started monitoring system metrics." each time it (re)starts (fit, test):
@@ -27,15 +28,20 @@ def tag_labels(tags: Mapping[str, Any] | None) -> list[str]:
 
 
 def wandb_logger(offline: bool | None = None, tags: Mapping[str, Any] | list | None = None,
-                 log_model: bool | str = False, **kwargs: Any) -> WandbLogger:
+                 log_model: bool | str = False, quiet: bool = True, **kwargs: Any) -> WandbLogger:
     """A W&B logger that runs offline (files under save_dir, ``wandb sync`` later) when no API key
     is set; ``tags`` may be a key: value mapping (``tracking.tags``), sent as ``key:value`` labels.
     ``log_model``: the checkpoint as a model artifact when training ends, offline too (W&B keeps an
-    offline run's artifacts and uploads them with ``wandb sync``; Lightning's check forbids it)."""
+    offline run's artifacts and uploads them with ``wandb sync``; Lightning's check forbids it).
+    ``quiet``: no W&B banner and end-of-run history (the run summary says how to open the run)."""
     if offline is None:
         offline = not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online")
     labels = tag_labels(tags) if isinstance(tags, Mapping) else list(tags or [])
     kwargs = {k: v for k, v in kwargs.items() if v is not None}  # group: null -> no group
+    if quiet and "settings" not in kwargs:
+        import wandb
+
+        kwargs["settings"] = wandb.Settings(quiet=True)
     logger = WandbLogger(offline=offline, tags=labels or None, log_model=False if offline else log_model, **kwargs)
     logger._log_model = log_model
     # Lightning always passes anonymous=None to wandb.init, and W&B >= 0.19 warns that the setting
@@ -78,10 +84,23 @@ class MLFlowLogger(_MLFlowLogger):
 
     @property
     def experiment(self) -> Any:
+        if not self._initialized and self._experiment_id is None and self._run_id is None \
+                and rank_zero_only.rank == 0:
+            self._experiment_id = self._get_or_create_experiment()
         client = _MLFlowLogger.experiment.fget(self)  # type: ignore[attr-defined]
         if self._initialized and self.system_metrics and self._monitor is None and not self._finished:
             self._start_monitor()
         return client
+
+    def _get_or_create_experiment(self) -> str:
+        """The experiment's id, created quietly on first use (Lightning warns that it is "not found")."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self._tracking_uri)
+        exp = self._mlflow_client.get_experiment_by_name(self._experiment_name)
+        if exp is not None and exp.lifecycle_stage != "deleted":
+            return exp.experiment_id
+        return self._mlflow_client.create_experiment(self._experiment_name, artifact_location=self._artifact_location)
 
     def _start_monitor(self) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -179,7 +179,10 @@ def start(cfg: DictConfig, model: Any | None = None) -> list[Any]:
 def log_config(loggers: Iterable[Any], cfg: DictConfig, method_config: dict | None = None) -> None:
     """The flattened resolved config to every logger, in the form each one shows best."""
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
 
+    if rank_zero_only.rank != 0:  # other DDP ranks hold no logger runs
+        return
     flat = flat_config(cfg, method_config)
     for logger in loggers:
         if isinstance(logger, MLFlowLogger):
@@ -199,8 +202,6 @@ def log_config(loggers: Iterable[Any], cfg: DictConfig, method_config: dict | No
 def _mlflow_params(logger: Any, flat: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    if logger.run_id is None:  # another rank
-        return
     params = [Param(k, str(_scalar(v))[:6000]) for k, v in flat.items()]  # MLflow's value limit
     for i in range(0, len(params), 100):  # MLflow's batch limit
         logger.experiment.log_batch(logger.run_id, params=params[i:i + 100])
@@ -218,8 +219,6 @@ def _tensorboard_hparams(logger: Any, flat: dict[str, Any]) -> None:
     from torch.utils.tensorboard.summary import hparams
 
     writer = logger.experiment
-    if not hasattr(writer, "_get_file_writer"):  # another rank
-        return
     exp, ssi, sei = hparams({k: _scalar(v) for k, v in flat.items()}, dict.fromkeys(test_metric_names(), 0.0))
     file_writer = writer._get_file_writer()
     for summary in (exp, ssi, sei):
