@@ -49,15 +49,15 @@ def preprocess_to_dict(preprocess: Preprocess) -> dict[str, Any]:
             if f.name not in NOT_STORED}
 
 
-def preprocess_from_dict(stored: dict[str, Any], source: str = "checkpoint") -> Preprocess:
-    """The ``Preprocess`` of ``preprocess_to_dict`` (lists become tuples). Missing fields take the
-    dataclass default (older files); an unknown field is an error naming it and ``source``."""
-    known = {f.name for f in fields(Preprocess)} - set(NOT_STORED)
+def preprocess_from_dict(stored: dict[str, Any], source: str = "checkpoint", cls: type = Preprocess) -> Preprocess:
+    """The ``Preprocess`` (``cls``) of ``preprocess_to_dict`` (lists become tuples). Missing fields
+    take the dataclass default (older files); an unknown field is an error naming it and ``source``."""
+    known = {f.name for f in fields(cls)} - set(NOT_STORED)
     unknown = sorted(set(stored) - known)
     if unknown:
         raise ConfigError(f"{source} stores preprocessing field(s) {unknown} that this version of "
                           "iad_lightning does not know; update iad_lightning to use it")
-    return Preprocess(**{k: _tuples(v) for k, v in stored.items()})
+    return cls(**{k: _tuples(v) for k, v in stored.items()})
 
 
 def same_geometry(a: Preprocess, b: Preprocess) -> bool:
