@@ -45,6 +45,7 @@ def setup_logging() -> None:
 # ------------------------------------------------------------------------------ the run summary
 RUN_FILES = (  # (path in the run folder, what it is)
     ("results.json", "metrics per category (results.md: the same as tables)"),
+    ("scores.csv", "one row per test image: path, category, label, score"),
     ("checkpoints/last.ckpt", "the fitted model, thresholds included: test.py / predict.py ckpt_path=..."),
     ("images", "anomaly maps of test images (<category>_grid.png)"),
     ("plots", "ROC and PRO curves per category, metrics chart"),

@@ -70,7 +70,7 @@ def test_mlflow_runs_are_named_described_and_comparable(sweep):
         table = json.loads(Path(client.download_artifacts(r.info.run_id, "results_table.json")).read_text())
         assert table["columns"][0] == "category" and [row[0] for row in table["data"]] == ["fabric", "wood", "mean"]
         saved = json.loads(Path(client.download_artifacts(r.info.run_id, "results.json")).read_text())
-        assert set(saved) == {"categories", "mean", "crop_check", "calibrated"}
+        assert {"categories", "mean", "crop_check", "calibrated"} <= set(saved)
         system = [k for k in r.data.metrics if k.startswith("system/")]
         if importlib.util.find_spec("psutil"):  # MLflow's optional dependency of system metrics
             assert "system/cpu_utilization_percentage" in system, system

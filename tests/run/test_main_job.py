@@ -46,6 +46,6 @@ def _check_console(stdout: str, stderr: str, out) -> None:
     # the summary says where everything went
     tail = stdout[stdout.index("Run folder:"):]
     assert str(out.resolve()) in tail
-    for entry in ("results.json", "checkpoints/last.ckpt", "images/", "plots/", "train.log"):
+    for entry in ("results.json", "scores.csv", "checkpoints/last.ckpt", "images/", "plots/", "train.log"):
         assert f"  {entry}" in tail, entry
     assert "Dashboards:" in tail and str((out / "csv" / "metrics.csv").resolve()) in tail
