@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,7 +31,6 @@ from iad_lightning.calibration import CALIBRATED_KEYS
 from iad_lightning.metrics import METRIC_KEYS
 from iad_lightning.results import calibrated_table, markdown_table
 
-log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 MAX_NAMED_CATEGORIES = 3  # more: "bottle+cable+13more"
 BACKBONE_KEYS = (("backbone", "name"), ("model", "model_name"), ("model", "backbone", "name"))
