@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from iad_lightning.calibration import CALIBRATED_KEYS
+from iad_lightning.loggers import system_metrics_available
 from iad_lightning.metrics import METRIC_KEYS
 from iad_lightning.results import calibrated_table, markdown_table
 
@@ -274,8 +275,10 @@ def dashboards(loggers: Iterable[Any], log_dir: str | Path | None = None) -> lis
             uri = logger._tracking_uri
             if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
                 uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+            hint = "" if getattr(logger, "system_metrics", True) or system_metrics_available() else \
+                "; system metrics: pip install psutil"
             out.append(("MLflow", f"mlflow ui --backend-store-uri {uri}"
-                                  f"    (run '{logger._run_name}', experiment '{logger._experiment_name}')"))
+                                  f"    (run '{logger._run_name}', experiment '{logger._experiment_name}'{hint})"))
         elif isinstance(logger, TensorBoardLogger):
             root = Path(log_dir).resolve() if log_dir else Path(logger.log_dir).resolve()
             out.append(("TensorBoard", f"tensorboard --logdir {root}    (this run: {Path(logger.log_dir).resolve()})"))
