@@ -102,14 +102,6 @@ class AnomalyModule(L.LightningModule):
         exported override this."""
         raise ConfigError(f"method {type(self).__name__} cannot be exported (no export_module)")
 
-    def on_fit_start(self) -> None:
-        # configure_optimizers returned None: Lightning runs the fit with a mock optimiser. Such a fit
-        # logs nothing per step, so Lightning's "training batches smaller than the logging interval"
-        # advice does not apply to it.
-        if all(type(opt).__name__ == "_MockOptimizer" for opt in self.trainer.optimizers):
-            warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the "
-                                    r"logging interval")
-
     # -- shared evaluation path ---------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.predict_batch(images)
@@ -126,6 +118,7 @@ class AnomalyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """The fit's preprocessing (the datamodule's, overrides included) becomes the model's."""
+        _quiet_fit_without_optimizer(self.trainer)
         served = getattr(getattr(self.trainer, "datamodule", None), "input_preprocess", None)
         if served is None:  # plain loaders: the method's own
             return
@@ -226,6 +219,15 @@ class AnomalyModule(L.LightningModule):
         for key, value in self.results["calibrated"]["mean"].items():
             if value is not None:
                 self.log(f"test/calibrated/{key}", value, rank_zero_only=True, sync_dist=False)
+
+
+def _quiet_fit_without_optimizer(trainer: L.Trainer) -> None:
+    """configure_optimizers returned None (Lightning then fits with a mock optimiser): such a fit logs
+    nothing per step, so Lightning's "training batches smaller than the logging interval" advice
+    does not apply to it."""
+    if all(type(opt).__name__ == "_MockOptimizer" for opt in trainer.optimizers):
+        warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the "
+                                r"logging interval")
 
 
 def _fill_missing_thresholds(module, state_dict, prefix, *args) -> None:
