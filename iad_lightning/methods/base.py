@@ -118,7 +118,7 @@ class AnomalyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """The fit's preprocessing (the datamodule's, overrides included) becomes the model's."""
-        _quiet_fit_without_optimizer(self.trainer)
+        _quiet_fit_without_optimizer(self._trainer)  # None outside a fit (unit tests)
         served = getattr(getattr(self.trainer, "datamodule", None), "input_preprocess", None)
         if served is None:  # plain loaders: the method's own
             return
@@ -225,7 +225,8 @@ def _quiet_fit_without_optimizer(trainer: L.Trainer) -> None:
     """configure_optimizers returned None (Lightning then fits with a mock optimiser): such a fit logs
     nothing per step, so Lightning's "training batches smaller than the logging interval" advice
     does not apply to it."""
-    if all(type(opt).__name__ == "_MockOptimizer" for opt in trainer.optimizers):
+    optimizers = getattr(trainer, "optimizers", None) or []
+    if optimizers and all(type(opt).__name__ == "_MockOptimizer" for opt in optimizers):
         warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the "
                                 r"logging interval")
 
