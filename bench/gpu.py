@@ -145,8 +145,8 @@ ENTRIES = [
           TINY_BATCH + ["method.image_size=64", "method.model.num_ref_tokens=32", "method.center_max_images=4"],
           fit_split="test", cnn_backbone=True, infers=False),
     Entry("dinomaly", ["method=dinomaly", "method.model.encoder_weights=random"],
-          ["method.effective_batch_size=2", "method.model.encoder=vit_small_patch14_reg4_dinov2", "method.image_size=64",
-           "method.model.crop=56", "method.model.map_size=56"], requires="iad_lightning.models.dinomaly"),
+          ["method.effective_batch_size=2", "method.model.encoder=vit_small_patch14_reg4_dinov2", "method.image_size=56",
+           "method.model.crop=42", "method.model.map_size=32"], requires="iad_lightning.models.dinomaly"),
 ]
 
 
@@ -260,7 +260,7 @@ def fit_once(entry: Entry, precision: str, args, device: torch.device, extra: li
         f"data.num_workers={args.workers}", f"paths.cache_dir={args.cache}", f"paths.output_dir={work / 'run'}",
         "logger=none", "callbacks=none", f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
         f"trainer.accelerator={accelerator}", "trainer.devices=1", f"trainer.precision={precision}",
-        "trainer.max_epochs=1", "trainer.max_steps=-1", f"trainer.limit_train_batches={steps}",
+        "trainer.max_epochs=1", f"trainer.max_steps={steps}", f"trainer.limit_train_batches={steps}",
         "trainer.limit_val_batches=0", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
         "trainer.num_sanity_val_steps=0", "seed=0",
     ]
