@@ -86,6 +86,23 @@ class Entry:
     trains: bool = True  # False: no training step (FeatureNorm); the fit time is reported instead
     cnn_backbone: bool = False  # the method.backbone group: paper backbone (tiny: Lite0), random weights
     infers: bool = True  # False: no inference of its own (ADPretrain: the projector serves other methods)
+    steps_key: str | None = None  # a step-based method's schedule length (EfficientAD: method.num_steps)
+
+    def method_overrides(self, tiny: bool, work: Path) -> list[str]:
+        """The method part of the overrides (random weights, paper or tiny sizes), files written."""
+        backbone = [f"backbone={'lite0' if tiny else 'paper'}", "method.backbone.weights=none"] if self.cnn_backbone else []
+        files = self.files(work, tiny) if self.files else []
+        return [*self.overrides, *(self.tiny if tiny else []), *backbone, *files, f"data.fit_split={self.fit_split}"]
+
+    def run_overrides(self, steps: int) -> list[str]:
+        """Fit exactly ``steps`` batches (one epoch, limited), whatever the method's schedule."""
+        schedule = [f"{self.steps_key}={steps}"] if self.steps_key else []
+        return ["trainer.max_epochs=1", f"trainer.max_steps={steps}", f"trainer.limit_train_batches={steps}",
+                *schedule]
+
+
+def available(entry: Entry) -> bool:
+    return entry.requires is None or importlib.util.find_spec(entry.requires) is not None
 
 
 def random_teacher(model_size: str) -> Callable[[Path, bool], list[str]]:
@@ -131,9 +148,9 @@ ENTRIES = [
     Entry("featurenorm", ["method=featurenorm"], TINY_BATCH + ["method.image_size=64", "method.shots=2"],
           files=random_projector("dinov2-base"), trains=False, cnn_backbone=True),
     Entry("efficientad_s", ["method=efficientad", "method.model_size=small", "method.penalty_dir=${data.root}"],
-          ["method.image_size=96"], files=random_teacher("small")),
+          ["method.image_size=96"], files=random_teacher("small"), steps_key="method.num_steps"),
     Entry("efficientad_m", ["method=efficientad", "method.model_size=medium", "method.penalty_dir=${data.root}"],
-          ["method.image_size=96"], files=random_teacher("medium")),
+          ["method.image_size=96"], files=random_teacher("medium"), steps_key="method.num_steps"),
     Entry("uniad", ["method=uniad"], ["method.image_size=64", "method.effective_batch_size=2", "method.hidden_dim=32",
                                       "method.dim_feedforward=64", "method.num_encoder_layers=1",
                                       "method.num_decoder_layers=1",
@@ -234,6 +251,13 @@ def compose(overrides: list[str]):
         return hydra_compose("train", overrides=overrides)
 
 
+def synthetic_overrides(n_train: int, n_test: int, tiny: bool) -> list[str]:
+    """The synthetic set, all five categories: n_train train good and n_test test images each."""
+    out = ["data=synthetic", "data.category=all", f"data.options.n_train={n_train}",
+           f"data.options.n_test_good={n_test // 3}", f"data.options.n_test_defect={n_test - n_test // 3}"]
+    return out + (["++data.eval_batch_size=2", "++data.options.image_size=64"] if tiny else [])
+
+
 def input_size(module) -> tuple[int, int]:
     pre = module.preprocess
     if pre.output_size is not None:
@@ -242,7 +266,7 @@ def input_size(module) -> tuple[int, int]:
     return (r, r) if isinstance(r, int) else tuple(r)
 
 
-def fit_once(entry: Entry, precision: str, args, device: torch.device, extra: list[str], work: Path):
+def fit_once(entry: Entry, precision: str, args, device: torch.device, method: list[str], work: Path):
     """Build method, datamodule and trainer as train.py does; fit ``steps`` batches; time them."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -250,24 +274,14 @@ def fit_once(entry: Entry, precision: str, args, device: torch.device, extra: li
     from iad_lightning.run import _build, configure_numerics
 
     steps = args.warmup + args.steps
-    accelerator = "gpu" if device.type == "cuda" else "cpu"
     overrides = [
-        *entry.overrides, *(entry.tiny if args.tiny else []), *extra,
-        *([f"backbone={'lite0' if args.tiny else 'paper'}", "method.backbone.weights=none"] if entry.cnn_backbone else []),
-        "data=synthetic", "data.category=all", f"data.fit_split={entry.fit_split}",
-        f"data.options.n_train={args.n_train}", f"data.options.n_test_good={args.n_test // 3}",
-        f"data.options.n_test_defect={args.n_test - args.n_test // 3}",
+        *method, *entry.run_overrides(steps), *synthetic_overrides(args.n_train, args.n_test, args.tiny),
         f"data.num_workers={args.workers}", f"paths.cache_dir={args.cache}", f"paths.output_dir={work / 'run'}",
         "logger=none", "callbacks=none", f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
-        f"trainer.accelerator={accelerator}", "trainer.devices=1", f"trainer.precision={precision}",
-        "trainer.max_epochs=1", f"trainer.max_steps={steps}", f"trainer.limit_train_batches={steps}",
-        "trainer.limit_val_batches=0", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
-        "trainer.num_sanity_val_steps=0", "seed=0",
+        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.devices=1",
+        f"trainer.precision={precision}", "trainer.limit_val_batches=0", "trainer.enable_checkpointing=false",
+        "trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "seed=0",
     ]
-    if args.tiny:
-        overrides += ["++data.eval_batch_size=2", "++data.options.image_size=64"]
-    if entry.name.startswith("efficientad"):  # a step-based method: the schedule over these steps
-        overrides += [f"method.num_steps={steps}"]
     cfg = compose(overrides)
     configure_numerics(cfg)
     torch.manual_seed(0)
@@ -312,13 +326,13 @@ def infer(module, datamodule, args, device: torch.device) -> dict[str, Any]:
 
 
 def bench_method(entry: Entry, args, device: torch.device, work: Path) -> dict[str, Any]:
-    if entry.requires and importlib.util.find_spec(entry.requires) is None:
+    if not available(entry):
         return {"skipped": f"{entry.requires} is not importable (not in this checkout)"}
-    extra = entry.files(work, args.tiny) if entry.files else []
+    method = entry.method_overrides(args.tiny, work)
     result: dict[str, Any] = {"train": {}}
     for precision in args.precisions:
         t0 = time.perf_counter()
-        module, datamodule, fit = fit_once(entry, precision, args, device, extra, work)
+        module, datamodule, fit = fit_once(entry, precision, args, device, method, work)
         if precision == args.precisions[0]:
             result["inference"] = (infer(module, datamodule, args, device) if entry.infers else
                                    {"skipped": "no inference of its own: its projector feeds FeatureNorm / PatchCore"})
