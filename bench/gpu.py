@@ -1,7 +1,7 @@
 """One prepared benchmark of every method on one CUDA device (and, at tiny sizes, on the CPU).
 
     python bench/gpu.py                          # CUDA, paper sizes, ~8 minutes on one H100-class GPU
-    python bench/gpu.py --quick                  # CUDA, fewer steps and a smaller PatchCore scale, < 1 minute
+    python bench/gpu.py --quick                  # CUDA, fp32 only, fewer steps, smaller PatchCore scale: ~1 minute
     python bench/gpu.py --device cpu --tiny      # CPU, tiny sizes: what tests/run/test_bench_gpu.py runs
     python bench/gpu.py --methods patchcore uniad --out /tmp/gpu.json
 
@@ -17,7 +17,7 @@ Per method (the ``ENTRIES`` table; one entry per method, Dinomaly added when
 * **fit** through the project's own LightningModule, datamodule and Trainer (``run._build``, as
   ``train.py`` builds them), once in ``32-true`` and once in ``bf16-mixed``: the median training
   step (``on_train_batch_start`` -> ``on_train_batch_end``, i.e. forward, backward and optimiser
-  step, CUDA-synchronised, after ``--warmup`` steps), the time between steps (loading the next
+  step, CUDA-synchronised, after 3 warm-up steps, 10 measured), the time between steps (loading the next
   batch from the real ``DataLoader`` with ``data.num_workers`` workers and ``pin_memory``, and its
   non-blocking copy to the device), their ratio as the data-loading share, and the peak GPU memory
   of the fit (``torch.cuda.max_memory_allocated``; the process peak RSS on CPU). Methods with no
@@ -25,7 +25,7 @@ Per method (the ``ENTRIES`` table; one entry per method, Dinomaly added when
   has none (its fit encodes a k-shot bank in ``on_train_start``) and reports the fit time.
 * **inference**: ``predict_batch`` (what test.py, predict.py and export call) on the fitted
   module in fp32 under ``torch.inference_mode``, at batch 1 and at the paper's eval batch
-  (``data.eval_batch_size``): median of ``--repeats`` timed calls (CUDA events) after warm-up,
+  (``data.eval_batch_size``): median of 20 timed calls (CUDA events) after warm-up,
   images/s and the peak GPU memory.
 
 PatchCore's GPU paths (``models/coreset.py``, ``models/nn_search.py``):
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import json
 import math
@@ -338,6 +339,7 @@ def bench_method(entry: Entry, args, device: torch.device, work: Path) -> dict[s
                                    {"skipped": "no inference of its own: its projector feeds FeatureNorm / PatchCore"})
         result["train"][precision] = fit
         del module, datamodule
+        gc.collect()  # the trainer, its persistent loader workers and the model's GPU memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(f"  {entry.name} {precision}: {time.perf_counter() - t0:.1f} s", flush=True)
@@ -396,9 +398,11 @@ def bench_patchcore_paths(args, device: torch.device) -> dict[str, Any]:
     else:
         nn_out["faiss_cpu_flat"] = {"skipped": "faiss is not installed (pip install faiss-cpu)"}
     for name, fn in paths:
-        dev = device if name.endswith(device.type) and device.type == "cuda" else torch.device("cpu")
-        times = time_call(fn, dev, args.nn_repeats, 1)
-        d, i = fn()
+        on_gpu = device.type == "cuda" and name.endswith(device.type)
+        last: list = []
+        times = time_call(lambda: last.append(fn()), device if on_gpu else torch.device("cpu"),
+                          args.nn_repeats if on_gpu else 1, 1)  # CPU paths: seconds per call, timed once
+        d, i = last[-1]
         nn_out[name] = {"seconds": statistics.median(times), **check(d, i)}
     out["knn"] = nn_out
     return out
@@ -463,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models and images (the CPU check)")
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller PatchCore scale: < 1 minute on a GPU")
     ap.add_argument("--methods", nargs="+", default=None, help=f"subset of {[e.name for e in ENTRIES]}")
-    ap.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    ap.add_argument("--precisions", nargs="+", default=None,
+                    help="trainer precisions of the fits (default 32-true bf16-mixed; --quick: 32-true)")
     ap.add_argument("--no-patchcore-paths", action="store_true")
     ap.add_argument("--workers", type=int, default=None, help="data.num_workers (default: min(8, cores) on CUDA, 0 on CPU)")
     ap.add_argument("--cache", type=Path, default=REPO / ".cache", help="paths.cache_dir: where the synthetic set is generated")
@@ -477,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     quick = args.quick or args.tiny
-    args.warmup, args.steps = (1, 1) if args.tiny else (2, 3) if args.quick else (3, 10)
+    args.precisions = args.precisions or (["32-true"] if args.quick else ["32-true", "bf16-mixed"])
+    args.warmup, args.steps = (1, 1) if args.tiny else (1, 3) if args.quick else (3, 10)
     args.repeats = 2 if args.tiny else 3 if args.quick else 20
     args.nn_repeats = 1 if quick else 3
     args.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
