@@ -149,9 +149,9 @@ ENTRIES = [
     Entry("featurenorm", ["method=featurenorm"], TINY_BATCH + ["method.image_size=64", "method.shots=2"],
           files=random_projector("dinov2-base"), trains=False, cnn_backbone=True),
     Entry("efficientad_s", ["method=efficientad", "method.model_size=small", "method.penalty_dir=${data.root}"],
-          ["method.image_size=96"], files=random_teacher("small"), steps_key="method.num_steps"),
+          ["method.image_size=64", "data.val_fraction=0.25"], files=random_teacher("small"), steps_key="method.num_steps"),
     Entry("efficientad_m", ["method=efficientad", "method.model_size=medium", "method.penalty_dir=${data.root}"],
-          ["method.image_size=96"], files=random_teacher("medium"), steps_key="method.num_steps"),
+          ["method.image_size=64", "data.val_fraction=0.25"], files=random_teacher("medium"), steps_key="method.num_steps"),
     Entry("uniad", ["method=uniad"], ["method.image_size=64", "method.effective_batch_size=2", "method.hidden_dim=32",
                                       "method.dim_feedforward=64", "method.num_encoder_layers=1",
                                       "method.num_decoder_layers=1",
@@ -160,7 +160,8 @@ ENTRIES = [
           TINY_BATCH + [f"method.model.arch={TINY_CLIP}", "method.model.image_size=64", "method.model.features_list=[4]"],
           fit_split="test"),
     Entry("adpretrain", ["method=adpretrain", "method.center_max_images=64"],  # the projector step
-          TINY_BATCH + ["method.image_size=64", "method.model.num_ref_tokens=32", "method.center_max_images=4"],
+          TINY_BATCH + ["method.image_size=64", "method.model.num_ref_tokens=32", "method.center_max_images=2",
+                        "method.num_shots=[1]", "method.center_shots=1"],
           fit_split="test", cnn_backbone=True, infers=False),
     Entry("dinomaly", ["method=dinomaly", "method.model.encoder_weights=random"],
           ["method.effective_batch_size=2", "method.model.encoder=vit_small_patch14_reg4_dinov2", "method.image_size=56",
@@ -484,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick or args.tiny
     args.precisions = args.precisions or (["32-true"] if args.quick else ["32-true", "bf16-mixed"])
     args.warmup, args.steps = (1, 1) if args.tiny else (1, 3) if args.quick else (3, 10)
-    args.repeats = 2 if args.tiny else 3 if args.quick else 20
+    args.repeats = 1 if args.tiny else 3 if args.quick else 20
     args.nn_repeats = 1 if quick else 3
     args.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     names = [e.name for e in ENTRIES]
@@ -496,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     # the synthetic set: enough images for every measured step at the largest paper batch (UniAD 64,
     # ADPretrain 32 on the test split) over the five categories
     steps = args.warmup + args.steps
-    args.n_train = 8 if args.tiny else math.ceil(64 * steps / 5) + 4
-    args.n_test = 6 if args.tiny else math.ceil(32 * steps / 5) + 3
+    args.n_train = 4 if args.tiny else math.ceil(64 * steps / 5) + 4
+    args.n_test = 3 if args.tiny else math.ceil(32 * steps / 5) + 3
     args.coreset_rows = 2_000 if args.tiny else 100_000 if args.quick else 1_000_000
     args.coreset_check_rows = 2_000 if args.tiny else 100_000 if not args.quick else 20_000
     args.bank_rows = 2_000 if args.tiny else 10_000 if args.quick else 100_000

@@ -26,7 +26,7 @@ def test_fit_and_test_on_cuda(entry, precision, tmp_path):
         pytest.skip(f"{entry.requires} is not importable")
     out = tmp_path / "run"
     proc = run("train.py", *entry.method_overrides(True, tmp_path), *entry.run_overrides(3),
-               *GPU_BENCH.synthetic_overrides(8, 6, True), f"paths.cache_dir={tmp_path / 'cache'}",
+               *GPU_BENCH.synthetic_overrides(4, 3, True), f"paths.cache_dir={tmp_path / 'cache'}",
                "trainer=gpu", f"trainer.precision={precision}", "data.num_workers=2", "logger=none",
                "callbacks=none", f"hydra.run.dir={out}")
     assert "GPU available: True, used: True" in proc.stdout + proc.stderr
