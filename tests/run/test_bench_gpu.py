@@ -46,10 +46,11 @@ def test_every_method_runs_on_cpu_at_tiny_sizes(bench, tmp_path, capsys):
         assert set(r["train"]) == {"32-true"}
         for precision, fit in r["train"].items():
             assert fit["precision"] == precision and fit["peak_memory_gib"] > 0 and fit["pin_memory"] is False
-            assert fit["steps_measured"] == 1 and fit["fit_seconds"] > 0
+            assert fit["fit_seconds"] > 0
             if entry.trains:
-                assert fit["step_ms"] > 0 and 0 <= fit["data_share"] < 1 and fit["train_images_per_s"] > 0
-            else:
+                assert fit["steps_measured"] == 1 and fit["step_ms"] > 0 and 0 <= fit["data_share"] < 1
+                assert fit["train_images_per_s"] > 0
+            else:  # FeatureNorm: the fit is the k-shot bank, no step
                 assert "step_ms" not in fit
         if entry.infers:
             inf = r["inference"]
