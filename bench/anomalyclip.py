@@ -12,7 +12,7 @@ ViT-B-16-quickgelu at 224 px, the cheap option), random weights (speed does not 
 - ``anomalyclip``: the exported inference graph (``AnomalyCLIPInference``: our block loop with the
   DPAM V-V path, global + local similarities, 518 px upsampling, Gaussian sigma 4), with the text
   features precomputed as in evaluation. The DPAM share is 1 - (image tower with DPAM off) /
-  (with DPAM on), from two extra interleaved calls of ``encode_image`` each (min of each).
+  (with DPAM on), from three extra interleaved calls of ``encode_image`` each (min of each).
 
 Each (model, variant) runs in its own subprocess so that the peak memory is its own: peak RSS of
 the process on CPU (weights included), ``torch.cuda.max_memory_allocated`` on CUDA. Timings:
@@ -88,7 +88,7 @@ def worker(model_key: str, variant: str, images: int, batch: int, device: str) -
     if variant == "anomalyclip":  # the image tower with DPAM on vs off (same input, interleaved)
         with torch.no_grad():
             on, off = [], []
-            for _ in range(2):
+            for _ in range(3):
                 for dpam, acc in ((True, on), (False, off)):
                     sync()
                     t = time.perf_counter()
