@@ -1,6 +1,6 @@
 """One prepared benchmark of every method on one CUDA device (and, at tiny sizes, on the CPU).
 
-    python bench/gpu.py                          # CUDA, paper sizes, ~8 minutes on one H100-class GPU
+    python bench/gpu.py                          # CUDA, paper sizes, sized for ~8 minutes on one H100-class GPU
     python bench/gpu.py --quick                  # CUDA, fp32 only, fewer steps, smaller PatchCore scale: ~1 minute
     python bench/gpu.py --device cpu --tiny      # CPU, tiny sizes: what tests/run/test_bench_gpu.py runs
     python bench/gpu.py --methods patchcore uniad --out /tmp/gpu.json
