@@ -280,7 +280,8 @@ def fit_once(entry: Entry, precision: str, args, device: torch.device, method: l
         *method, *entry.run_overrides(steps), *synthetic_overrides(args.n_train, args.n_test, args.tiny),
         f"data.num_workers={args.workers}", f"paths.cache_dir={args.cache}", f"paths.output_dir={work / 'run'}",
         "logger=none", "callbacks=none", f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
-        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.devices=1",
+        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+        f"trainer.devices={[device.index] if device.index is not None else 1}",  # cuda:N -> that GPU
         f"trainer.precision={precision}", "trainer.limit_val_batches=0", "trainer.enable_checkpointing=false",
         "trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "seed=0",
     ]
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench/gpu.py: --device cuda but torch sees no CUDA device; use --device cpu --tiny", file=sys.stderr)
         return 2
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     quick = args.quick or args.tiny
     args.precisions = args.precisions or (["32-true"] if args.quick else ["32-true", "bf16-mixed"])
