@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +29,18 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def configure_numerics(cfg: DictConfig) -> None:
+    """Process-wide numerics decided by config: ``matmul_precision`` (``highest``: exact fp32
+    matmuls, the papers' numbers; ``high``: TF32 on Ampere+ GPUs, as ADPretrain's spec)."""
+    value = str(cfg.get("matmul_precision") or "highest")
+    if value not in MATMUL_PRECISIONS:
+        raise ConfigError(f"matmul_precision={value} must be one of {list(MATMUL_PRECISIONS)}")
+    torch.set_float32_matmul_precision(value)
 
 
 def _build(
@@ -136,6 +149,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     With ``eval_data`` set, the test runs on that second data config instead (the auxiliary-data
     protocol: fit on ``data`` with ``data.fit_split=test``, evaluate zero-shot on ``eval_data``)."""
     L.seed_everything(cfg.seed, workers=True)
+    configure_numerics(cfg)
     model = instantiate(cfg.method)
     model.method_config = OmegaConf.to_container(cfg.method, resolve=True)
     eval_data = cfg.get("eval_data")
@@ -161,6 +175,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
 def test(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate a training checkpoint (``ckpt_path``) on ``cfg.data``, without re-fitting."""
     L.seed_everything(cfg.seed, workers=True)
+    configure_numerics(cfg)
     model = load_method(cfg.ckpt_path)
     _warn_if_fitted_on((getattr(model, "trained_on", None) or {}).get("data"), _data_description(cfg.data))
     datamodule, trainer = _build(cfg, model)
