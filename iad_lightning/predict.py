@@ -190,17 +190,17 @@ def predict(cfg: Any) -> dict[str, Any]:
     summary = {"files": n, "counts": dict(counts), "seconds": elapsed,
                "images_per_second": (n - counts["error"]) / elapsed if elapsed > 0 else None, "csv": str(csv_path),
                "categories": {c: dict(v) for c, v in per_category.items()}}
-    print(f"\n{n} files ({_parts(counts) or 'nothing new'}) in {elapsed:.1f} s "
+    print(f"\n{n} files ({_parts(counts, ('error',)) or 'nothing new'}) in {elapsed:.1f} s "
           f"({summary['images_per_second'] or 0:.1f} images/s) with {predictor.name}; table: {csv_path}")
-    if predictor.categories and per_category:
+    if len(predictor.categories) > 1 and per_category:  # unified model: decisions per category
         for cat, c in sorted(per_category.items()):
             t = predictor.thresholds_for(cat or None)["image_threshold"]
             print(f"  {cat or '(global threshold)'}: {_parts(c)} (image threshold {t:.6g})")
     return summary
 
 
-def _parts(counts: Counter) -> str:
-    return ", ".join(f"{k} {counts[k]}" for k in ("anomalous", "normal", "unknown") if counts[k])
+def _parts(counts: Counter, extra: tuple[str, ...] = ()) -> str:
+    return ", ".join(f"{k} {counts[k]}" for k in ("anomalous", "normal", "unknown", *extra) if counts[k])
 
 
 def category_of(path: Path, categories: list[str]) -> str | None:
