@@ -1,7 +1,8 @@
 """Bench: decision thresholds, today's rule against the new one, side by side in one run.
 
     python bench/calibration.py [--datasets mvtec_screw kolektorsdd_commutator] [--fprs 0.01 0.05 0.1]
-                                [--folds 5] [--data-root ../shared/data] [--out /tmp/calibration_bench.json]
+                                [--folds 5 [10 ...]] [--no-plain] [--data-root ../shared/data]
+                                [--out /tmp/calibration_bench.json]
 
 Per data set, PatchCore with ``backbone=lite0`` (the project's config, composed with Hydra) is
 fitted three times through the Lightning ``Trainer`` with the project's ``ThresholdCalibration``
@@ -10,10 +11,11 @@ callback:
 * **today** (``threshold.folds=0``, ``holdout_fraction=0.1``): fitted on 90 % of the train good
   images, calibrated on the 10 % held out, with the old rule (the ``floor(a n)``-th largest held-out
   score; below ``1 / n`` the closest supported rate, 0 -> the maximum);
-* **new** (``threshold.folds=5``): fitted on ALL train good images (the papers' protocol),
-  calibrated on the cross-fitted out-of-sample scores of every one of them with the new rule
-  (``normal_threshold``: conformal rank, GPD tail where no rank exists); ``new gpd``: the same
-  scores with ``tail=gpd`` (the tail model whenever < 5 normal images are expected above);
+* **new** (``threshold.folds=K`` for each ``--folds`` value): fitted on ALL train good images (the
+  papers' protocol; the same bit-equal bank for every K), calibrated on the cross-fitted
+  out-of-sample scores of every one of them with the new rule (``normal_threshold``: conformal
+  rank, GPD tail where no rank exists); ``tail=gpd``: the same scores with the tail model whenever
+  < 5 normal images are expected above;
 * **plain** (``folds=0``, no hold-out): the fit without any calibration, for the fit time.
 
 Then each fitted model is tested (``trainer.test``) and, for every requested rate ``a``:
@@ -112,29 +114,38 @@ def fit_and_test(data_root: Path, dataset: str, folds: int, holdout: float, test
     return out
 
 
-def table(results: dict, fprs: list[float]) -> str:
+def table(results: dict, fprs: list[float], folds: list[int]) -> str:
     import numpy as np
 
     from iad_lightning.calibration import normal_threshold
 
-    lines = ["| data set | requested | today: FPR | today: recall | today: oracle | new: FPR | new: recall "
-             "| new: oracle | new, tail=gpd: FPR | new, tail=gpd: recall |", "|---|---:|" + "---:|" * 8]
+    head = ["today: FPR", "today: recall", "today: oracle"]
+    for k in folds:
+        head += [f"new K={k}: FPR", f"new K={k}: recall"]
+    head += [f"new K={folds[0]}, tail=gpd: FPR", "recall", "new: oracle", f"new K={folds[0]}: rule"]
+    lines = ["| data set | requested | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(head)]
     for dataset, runs in results.items():
-        today, new = runs["today"], runs["new"]
+        today = runs["today"]
         for fpr in fprs:
-            t_today = legacy_threshold(today["normal_scores"], fpr)
+            f, r = at_threshold(legacy_threshold(today["normal_scores"], fpr), today["test_scores"], today["test_labels"])
+            cells = [f"{100 * f:.1f}", f"{100 * r:.1f}",
+                     f"{100 * oracle_recall(fpr, today['test_scores'], today['test_labels']):.1f}"]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t_new = normal_threshold(np.asarray(new["normal_scores"]), fpr)
-                t_gpd = normal_threshold(np.asarray(new["normal_scores"]), fpr, tail="gpd")
-            cells = []
-            for run, t in ((today, t_today), (new, t_new.value)):
-                f, r = at_threshold(t, run["test_scores"], run["test_labels"])
-                cells += [f"{100 * f:.1f}", f"{100 * r:.1f}", f"{100 * oracle_recall(fpr, run['test_scores'], run['test_labels']):.1f}"]
-            f, r = at_threshold(t_gpd.value, new["test_scores"], new["test_labels"])
-            cells += [f"{100 * f:.1f}", f"{100 * r:.1f}"]
-            rule = f"{t_new.rule}" + (f" top {t_new.determined_by}" if t_new.rule == "gpd" else "")
-            lines.append(f"| {dataset} | {100 * fpr:g} % | " + " | ".join(cells) + f" |  <!-- new rule: {rule} -->")
+                for k in folds:
+                    new = runs[f"new{k}"]
+                    t = normal_threshold(np.asarray(new["normal_scores"]), fpr)
+                    f, r = at_threshold(t.value, new["test_scores"], new["test_labels"])
+                    cells += [f"{100 * f:.1f}", f"{100 * r:.1f}"]
+                    if k == folds[0]:
+                        first = t
+                new = runs[f"new{folds[0]}"]
+                gpd = normal_threshold(np.asarray(new["normal_scores"]), fpr, tail="gpd")
+            f, r = at_threshold(gpd.value, new["test_scores"], new["test_labels"])
+            cells += [f"{100 * f:.1f}", f"{100 * r:.1f}",
+                      f"{100 * oracle_recall(fpr, new['test_scores'], new['test_labels']):.1f}",
+                      first.rule + (f" (top {first.determined_by})" if first.rule == "gpd" else "")]
+            lines.append(f"| {dataset} | {100 * fpr:g} % | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -142,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["mvtec_screw", "kolektorsdd_commutator"])
     p.add_argument("--fprs", nargs="+", type=float, default=[0.01, 0.05, 0.1])
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, nargs="+", default=[5])
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out", type=Path, default=Path("/tmp/calibration_bench.json"))
     p.add_argument("--no-plain", action="store_true", help="skip the uncalibrated fit (no fit-time baseline)")
@@ -153,28 +164,33 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.data_root / dataset).is_dir():
             print(f"skipping {dataset}: not under {args.data_root}")
             continue
-        runs = {"today": fit_and_test(args.data_root, dataset, 0, 0.1, True),
-                "new": fit_and_test(args.data_root, dataset, args.folds, 0.0, True)}
+        runs = {"today": fit_and_test(args.data_root, dataset, 0, 0.1, True)}
+        for k in args.folds:
+            runs[f"new{k}"] = fit_and_test(args.data_root, dataset, k, 0.0, True)
         if not args.no_plain:
             runs["plain"] = fit_and_test(args.data_root, dataset, 0, 0.0, False)
         results[dataset] = runs
-        n_test = len(runs["new"]["test_labels"])
-        print(f"{dataset}: today {len(runs['today']['normal_scores'])} held-out of {runs['today']['train_images'] + len(runs['today']['normal_scores'])} "
-              f"train images, new {len(runs['new']['normal_scores'])} cross-fitted; {n_test} test images "
-              f"({n_test - sum(runs['new']['test_labels'])} normal); image AUROC today "
-              f"{100 * runs['today']['image_auroc']:.2f}, new {100 * runs['new']['image_auroc']:.2f}", flush=True)
+        new = runs[f"new{args.folds[0]}"]
+        n_test = len(new["test_labels"])
+        print(f"{dataset}: today {len(runs['today']['normal_scores'])} held-out of "
+              f"{runs['today']['train_images'] + len(runs['today']['normal_scores'])} train images, new "
+              f"{len(new['normal_scores'])} cross-fitted; {n_test} test images ({n_test - sum(new['test_labels'])} "
+              f"normal); image AUROC today {100 * runs['today']['image_auroc']:.2f}, new {100 * new['image_auroc']:.2f}",
+              flush=True)
     if not results:
         return 1
     print("\nRealised false-alarm rate on the test normals and recall on the test defects at the calibrated "
           "threshold (%), and the oracle recall at the requested rate:\n")
-    print(table(results, args.fprs))
+    print(table(results, args.fprs, args.folds))
     print("\nFit time (train pass + coreset + calibration), seconds (ratio to the fit without calibration):\n")
-    print("| data set | plain (all images, no thresholds) | today (90 % + hold-out) | new (all + "
-          f"{args.folds}-fold cross-fitting) |\n|---|---:|---:|---:|")
+    print("| data set | plain (all images, no thresholds) | today (90 % + hold-out) | "
+          + " | ".join(f"new (all + {k}-fold cross-fitting)" for k in args.folds) + " |\n|---|---:|---:|"
+          + "---:|" * len(args.folds))
     for dataset, runs in results.items():
         base = runs.get("plain", {}).get("fit_seconds")
         cell = lambda r: f"{r['fit_seconds']:.1f}" + (f" ({r['fit_seconds'] / base:.2f}x)" if base else "")  # noqa: E731
-        print(f"| {dataset} | {f'{base:.1f}' if base else '-'} | {cell(runs['today'])} | {cell(runs['new'])} |")
+        print(f"| {dataset} | {f'{base:.1f}' if base else '-'} | {cell(runs['today'])} | "
+              + " | ".join(cell(runs[f"new{k}"]) for k in args.folds) + " |")
     args.out.write_text(json.dumps({"fprs": args.fprs, "results": results}) + "\n")
     print(f"\nraw scores: {args.out}")
     return 0
