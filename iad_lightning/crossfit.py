@@ -3,7 +3,8 @@
 ``CrossFit`` (built by ``callbacks.calibration.ThresholdCalibration`` before fitting, on
 ``AnomalyModule.crossfit``) splits the train good images of each category into ``folds`` seeded
 folds of near-equal size (stratified by category, so that every category's threshold comes from
-its own images). A method that supports it (``supports_crossfit``) calls ``run`` at the end of its
+its own images; a category with fewer images than folds has one image per fold, one with a single
+image cannot be cross-fitted and is left out). A method that supports it (``supports_crossfit``) calls ``run`` at the end of its
 fit, before the final fit on all images, with one hook:
 
     score_fold(train: Tensor, held: Tensor) -> iterable of (index, maps, scores)
@@ -28,7 +29,6 @@ import numpy as np
 import torch
 
 from iad_lightning.calibration import NormalScores, ScoreCollector
-from iad_lightning.errors import DatasetError
 
 FoldScorer = Callable[[torch.Tensor, torch.Tensor], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
@@ -51,12 +51,13 @@ class CrossFit:
         for i, rec in enumerate(records):
             by_cat.setdefault(rec.category, []).append(i)
         for j, (cat, idx) in enumerate(sorted(by_cat.items())):
-            if len(idx) < folds:
-                raise DatasetError(f"category '{cat}' has {len(idx)} train images, fewer than threshold.folds="
-                                   f"{folds}; lower threshold.folds (or 0: a held-out split)")
+            if len(idx) < 2:  # nothing to fit a fold model on without it: never scored
+                continue
             order = np.random.default_rng([seed, j, 7]).permutation(len(idx))
-            fold_of[np.asarray(idx)[order]] = np.arange(len(idx)) % folds
-        return cls(folds, fold_of, [str(r.category) for r in records], [str(r.image) for r in records])
+            fold_of[np.asarray(idx)[order]] = np.arange(len(idx)) % folds  # fewer images than folds: 1 each
+        plan = cls(folds, fold_of, [str(r.category) for r in records], [str(r.image) for r in records])
+        plan.excluded = set(np.flatnonzero(fold_of < 0).tolist())
+        return plan
 
     def exclude(self, records: list) -> None:
         """Never score these records' images (a method fits on them whatever the fold)."""

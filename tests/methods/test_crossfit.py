@@ -5,11 +5,9 @@ bank is bit-equal to a fit without cross-fitting."""
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from iad_lightning.crossfit import CrossFit
-from iad_lightning.errors import DatasetError
 from iad_lightning.methods.patchcore import _StreamingBank
 from iad_lightning.models.patchcore import PatchCoreModel
 
@@ -41,8 +39,8 @@ def test_folds_are_stratified_seeded_and_balanced():
         counts = np.bincount(plan.fold_of[np.asarray(cats) == cat], minlength=3)
         assert counts.sum() == n and counts.max() - counts.min() <= 1
     assert np.array_equal(plan.fold_of, CrossFit.for_records(_records(cats), 3, 0).fold_of)
-    with pytest.raises(DatasetError, match="category 'b' has 7 train images, fewer than threshold.folds=8"):
-        CrossFit.for_records(_records(cats), folds=8)
+    small = CrossFit.for_records(_records(["a"] * 3 + ["b"]), folds=5)  # fewer images than folds
+    assert sorted(small.fold_of[:3].tolist()) == [0, 1, 2] and small.excluded == {3}  # a lone image: unscored
 
 
 def test_crossfit_scores_every_train_image_and_leaves_the_final_bank_bit_equal():
@@ -79,3 +77,13 @@ def test_crossfit_scores_every_train_image_and_leaves_the_final_bank_bit_equal()
         got = normal.score[np.searchsorted(normal.index, held.numpy())]
         np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
     assert sum(len(h) for _, h in folds_seen) == 13
+
+
+def test_padim_fold_fit_equals_a_fit_on_those_images_alone():
+    from iad_lightning.models.padim import PaDiMModel
+
+    feats = torch.randn(9, 6, 4, 4, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([0, 2, 3, 5, 8])
+    fold, alone = PaDiMModel(chunk=5).fit([feats], rows=rows), PaDiMModel(chunk=5).fit([feats[rows]])
+    torch.testing.assert_close(fold.mean_0, alone.mean_0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fold.cov_inv_0, alone.cov_inv_0, rtol=1e-5, atol=1e-5)
