@@ -40,6 +40,11 @@ class ThresholdCalibration(L.Callback):
             normal = held_out_scores(pl_module, dm, getattr(dm, "eval_batch_size", None) or self.batch_size)
             advice = "hold out more normal images (threshold.holdout_fraction or data.val_fraction)"
         pl_module.out_of_sample, pl_module.crossfit = None, None
+        if normal is not None and len(normal.score) == 0 and normal.excluded:
+            warnings.warn(f"threshold calibration: all {normal.excluded} train images are in-sample by construction "
+                          "(the method's k-shot reference bank), so no decision thresholds are calibrated; "
+                          "decisions will be 'unknown'. Add normal train images beyond the k-shot bank.", stacklevel=2)
+            return
         if normal is None or len(normal.score) == 0:
             warnings.warn(
                 "threshold calibration: no out-of-sample normal training images (no cross-fitting, and "
