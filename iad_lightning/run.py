@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from iad_lightning.calibration import apply_holdout
+from iad_lightning.calibration import apply_holdout, cross_fits
 from iad_lightning.callbacks.calibration import ThresholdCalibration
 from iad_lightning.callbacks.checkpoint import RNGState
 from iad_lightning.checkpoint import load_method
@@ -77,7 +77,7 @@ def _finish(trainer: L.Trainer, model: L.LightningModule, out_dir: str) -> dict[
         write_image_scores(getattr(model, "image_scores", []), out_dir)
         table = markdown_table(results)
         if results.get("calibrated"):
-            table += "\nAt the calibrated thresholds (held-out normal images):\n" + calibrated_table(results)
+            table += "\nAt the calibrated thresholds (out-of-sample normal train images):\n" + calibrated_table(results)
         for logger in trainer.loggers:
             log_results_table(logger, results, table)
         print(f"\nResults ({Path(out_dir) / 'results.json'}):\n{table}")
@@ -157,9 +157,13 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         model.trained_on = {"data": _data_description(cfg.data)}  # recorded in results.json
     threshold = cfg.get("threshold") or {}
     calibrates = hasattr(model, "image_threshold")  # every AnomalyModule; not e.g. a teacher distillation
-    extra = (ThresholdCalibration(threshold.get("normal_fpr", 0.01), threshold.get("pixel_normal_fpr")),)
+    folds = int(threshold.get("folds", 0))
+    extra = (ThresholdCalibration(threshold.get("normal_fpr", 0.01), threshold.get("pixel_normal_fpr"), folds=folds,
+                                  seed=cfg.seed, tail=threshold.get("tail", "auto"),
+                                  min_exceedances=threshold.get("min_exceedances", 5),
+                                  tail_fraction=threshold.get("tail_fraction", 0.2)),)
     datamodule, trainer = _build(cfg, model, extra if calibrates else ())
-    if calibrates:  # before the data is indexed
+    if calibrates and not cross_fits(model, datamodule, folds):  # before the data is indexed
         apply_holdout(datamodule, float(threshold.get("holdout_fraction", 0.0)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path")))
     if not cfg.get("test", True):
