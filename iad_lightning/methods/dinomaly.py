@@ -38,7 +38,10 @@ from iad_lightning.models.dinomaly import (
 
 def recipe(data_format: str, category: Any) -> dict[str, Any]:
     """The official script's constants for a dataset format and ``data.category`` (spec §10)."""
-    unified = category in (None, "all") or (isinstance(category, (list, tuple)) and len(category) != 1)
+    if category is None or isinstance(category, str):
+        unified = category in (None, "all")
+    else:  # a list (an omegaconf ListConfig from the command line)
+        unified = len(category) != 1
     realiad = data_format == "realiad"
     if unified:
         return {"setting": "unified", "iterations": 50000 if realiad else 10000,

@@ -217,7 +217,7 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
         kv = k.transpose(-2, -1) @ v  # (B, H, d, d) over all N tokens
         z = 1.0 / (q @ k.sum(dim=-2).unsqueeze(-1))  # (B, H, N, 1)
