@@ -63,6 +63,13 @@ class AnomalyModule(L.LightningModule):
         """Adapt the datamodule once the trainer exists (e.g. per-device batch from an effective
         batch). Called by ``train.py`` and ``test.py`` before any loader is built; default: no-op."""
 
+    def evaluation_targets(self, out: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, H, W) maps and boolean masks the pixel metrics see. Default (the project's
+        protocol): the map at the input size and ``mask > 0.5``. ``out`` is ``_predict_with_size``'s,
+        with the method's own map in ``anomaly_map_native``; a method whose official protocol
+        evaluates elsewhere offers it as an option by overriding this."""
+        return out["anomaly_map"][:, 0], batch["mask"][:, 0] > 0.5
+
     def export_module(self) -> torch.nn.Module:
         """The pure-torch inference graph ``images -> (anomaly_map, pred_score)`` with every
         normalisation baked in, for ``python -m iad_lightning.export``. Methods that can be
@@ -81,7 +88,7 @@ class AnomalyModule(L.LightningModule):
         amap = out["anomaly_map"]
         if amap.shape[-2:] != batch["image"].shape[-2:]:  # maps are evaluated at input size
             amap = F.interpolate(amap, size=batch["image"].shape[-2:], mode="bilinear", align_corners=False)
-        return {"anomaly_map": amap, "pred_score": out["pred_score"]}
+        return {"anomaly_map": amap, "pred_score": out["pred_score"], "anomaly_map_native": out["anomaly_map"]}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the resolved method config (plain types) lets test.py rebuild the module safely
@@ -101,13 +108,14 @@ class AnomalyModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self._predict_with_size(batch)
+        maps, masks = self.evaluation_targets(out, batch)
         self._test_buffer.add(
             {
                 "index": batch["index"].cpu().numpy(),
                 "pred_score": out["pred_score"].detach().float().cpu().numpy(),
                 "label": torch.as_tensor(batch["label"]).cpu().numpy(),
-                "anomaly_map": out["anomaly_map"].detach().float().cpu().numpy()[:, 0],
-                "mask": batch["mask"].cpu().numpy()[:, 0] > 0.5,
+                "anomaly_map": maps.detach().float().cpu().numpy(),
+                "mask": masks.cpu().numpy(),
                 "category": np.asarray(batch["category"]),
                 # fraction of mask pixels inside the crop (data/crop_check.py); 1 for other loaders
                 "mask_kept": np.asarray(batch.get("mask_kept", np.ones(len(batch["index"]))), dtype=np.float64),

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from iad_lightning.checkpoint import CONFIG_KEY
 from iad_lightning.data.transforms import Preprocess
@@ -69,6 +70,7 @@ class Dinomaly(AnomalyModule):
         p_final: float = 0.9,
         p_ramp: int = 1000,
         hm_factor: float = 0.1,
+        eval_protocol: str = "ours",
         official_checkpoint: str | None = None,
         backbone: dict[str, Any] | None = None,  # unused: the global backbone group writes it (CNN methods)
     ) -> None:
@@ -78,14 +80,17 @@ class Dinomaly(AnomalyModule):
             raise ConfigError("method.model must instantiate iad_lightning.models.dinomaly.DinomalyModel")
         if image_size < model.crop:
             raise ConfigError(f"method.image_size={image_size} is below method.model.crop={model.crop}")
+        if eval_protocol not in ("ours", "official"):
+            raise ConfigError(f"method.eval_protocol='{eval_protocol}' must be ours or official")
         self.model = model
         self.recipe: dict[str, Any] = recipe("", "all")  # until configure_data sees the data
 
     @property
     def preprocess(self) -> Preprocess:
         s = self.hparams.image_size  # exact square resize (no aspect kept), then the centre crop (spec §2)
+        grey = self.hparams.eval_protocol == "official"  # masks resized bilinearly, as the official transform
         return Preprocess(resize=(s, s), crop=self.model.crop, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                          resize_backend=self.hparams.resize_backend)
+                          resize_backend=self.hparams.resize_backend, mask_interpolation="bilinear" if grey else "nearest")
 
     def configure_data(self, datamodule: Any, world_size: int) -> None:
         """Per-device batch = effective batch / world size unless ``data.batch_size`` is set; the
@@ -155,6 +160,16 @@ class Dinomaly(AnomalyModule):
         # the smoothed map_size map (the official pixel map) and the top-1 % score on it (spec §8);
         # the base class upsamples the map to the input size for the metrics
         return {"anomaly_map": out["map_smooth"], "pred_score": out["score"]}
+
+    def evaluation_targets(self, out: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eval_protocol=official`` (spec §9): pixel metrics on the smoothed ``map_size`` map and
+        the bilinear (grey-edged) mask resized nearest to it and binarised by ``> 0`` (``gt.bool()``);
+        ``ours``: the map at the input size and the nearest-resized binary mask."""
+        if self.hparams.eval_protocol != "official":
+            return super().evaluation_targets(out, batch)
+        small = out["anomaly_map_native"]
+        gt = F.interpolate(batch["mask"].float(), size=small.shape[-2:], mode="nearest") > 0
+        return small[:, 0], gt[:, 0]
 
     def export_module(self) -> torch.nn.Module:
         return DinomalyInference(self.model)
