@@ -160,3 +160,31 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(trained, tmp_path):
             torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
     for i, state in full["optimizer_states"][0]["state"].items():
         torch.testing.assert_close(resumed["optimizer_states"][0]["state"][i]["max_exp_avg_sq"], state["max_exp_avg_sq"])
+
+
+def test_predict_gives_the_test_path_score_for_every_file(trained):
+    """iad_lightning.load(...).predict on the test image FILES = the module's scores on the test
+    loader's batches (the geometry and the score come from the checkpoint alone)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    import iad_lightning
+    from iad_lightning.checkpoint import load_method
+
+    out, _ = trained
+    ckpt = out / "checkpoints" / "last.ckpt"
+    method = load_method(ckpt).eval()
+    cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
+    cfg.paths.output_dir = str(out)
+    dm = instantiate(cfg.data, batch_size=8)
+    dm.preprocess = method.preprocess
+    dm.setup("test")
+    paths, scores = [], []
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            paths += list(batch["path"])
+            scores.append(method.predict_batch(batch["image"])["pred_score"])
+    pred = iad_lightning.load(ckpt, device="cpu").predict(paths, batch_size=5)
+    assert len(paths) == 36
+    torch.testing.assert_close(torch.as_tensor(pred.scores, dtype=torch.float32), torch.cat(scores), atol=1e-6, rtol=1e-5)
+    assert pred.maps[0].shape == (42, 42)
