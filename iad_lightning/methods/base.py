@@ -177,6 +177,18 @@ class AnomalyModule(L.LightningModule):
                 self.log(f"test/calibrated/{key}", value, rank_zero_only=True, sync_dist=False)
 
 
+def split_effective_batch(datamodule: Any, effective: int, world_size: int) -> None:
+    """Per-device batch = ``effective`` / world size unless ``data.batch_size`` is set (methods
+    whose recipe fixes the batch over all devices: UniAD, Dinomaly)."""
+    if datamodule.batch_size is None:
+        if effective % world_size:
+            raise ConfigError(
+                f"method.effective_batch_size={effective} is not divisible by the {world_size} devices; "
+                "change it or set data.batch_size (per device)"
+            )
+        datamodule.batch_size = effective // world_size
+
+
 def _fill_missing_thresholds(module, state_dict, prefix, *args) -> None:
     """Checkpoints written before calibration existed load as 'not calibrated' (NaN)."""
     for name in THRESHOLD_BUFFERS:

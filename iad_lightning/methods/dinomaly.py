@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from iad_lightning.checkpoint import CONFIG_KEY
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.errors import ConfigError
-from iad_lightning.methods.base import AnomalyModule
+from iad_lightning.methods.base import AnomalyModule, split_effective_batch
 from iad_lightning.models.dinomaly import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -95,12 +95,7 @@ class Dinomaly(AnomalyModule):
     def configure_data(self, datamodule: Any, world_size: int) -> None:
         """Per-device batch = effective batch / world size unless ``data.batch_size`` is set; the
         recipe of the data (iterations, dropout, eps) unless the method sets them."""
-        if datamodule.batch_size is None:
-            eff = self.hparams.effective_batch_size
-            if eff % world_size:
-                raise ConfigError(f"method.effective_batch_size={eff} is not divisible by the {world_size} devices; "
-                                  "change it or set data.batch_size (per device)")
-            datamodule.batch_size = eff // world_size
+        split_effective_batch(datamodule, self.hparams.effective_batch_size, world_size)
         self.recipe = recipe(getattr(datamodule, "format", ""), getattr(datamodule, "category", "all"))
         hp = self.hparams
         for key in ("eps", "bottleneck_dropout"):

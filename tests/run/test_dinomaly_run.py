@@ -126,30 +126,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(trained, tmp_path):
     """Killed (SIGKILL) after its periodic checkpoint at iteration 3 of 6 (mid-epoch), resumed
     from that last.ckpt: the same weights, StableAdamW moments and per-iteration LR as the
     uninterrupted run (dropout streams, data order, p and the schedule continue)."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from test_entrypoints import REPO
+    from test_resume import _killed_run
 
     out, meta = trained
     common = [*GEOMETRY, "data.category=[fabric,wood]", f"method.model.encoder_weights={meta}", *RECIPE,
               f"trainer.max_steps={STEPS}", "test=false", "callbacks.visualizer.n_images=0", "logger=none",
               "callbacks.model_checkpoint.every_n_train_steps=3"]
-    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *common, f"hydra.run.dir={tmp_path / 'a'}"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 400
-        while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stderr.read()[-3000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    ckpt = _killed_run(tmp_path / "a", common)
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 3
     run("train.py", *common, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'b'}")
     full = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
