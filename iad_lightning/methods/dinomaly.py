@@ -11,6 +11,10 @@ dropout 0.4), eps 1e-10; one category (the official ``*_sep`` scripts): 5,000 it
 1e-8 (Real-IAD 1e-10). ``trainer.max_steps`` left at -1 takes the recipe's iterations; an
 explicit ``trainer.max_steps`` wins and also sets the schedule length; 0 evaluates without
 training (with ``method.official_checkpoint``: the published model as it is).
+
+``official_checkpoint`` is read by the MODEL (``method.model.official_checkpoint:
+${method.official_checkpoint}`` in the config), which takes its architecture off the file; the
+method records it. From Python, pass it to ``DinomalyModel`` directly.
 """
 
 from __future__ import annotations
