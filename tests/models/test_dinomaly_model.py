@@ -136,8 +136,8 @@ def test_loss_is_a_global_cosine_and_the_threshold_is_over_the_gathered_batch():
     halves = []
     for part in (slice(0, 2), slice(2, 4)):
         d_part = [d.detach()[part].clone().requires_grad_(True) for d in de]
-        others = [torch.cat([1 - F.cosine_similarity(e, d.detach(), dim=1).unsqueeze(1) for _ in range(1)]) for e, d in zip(en, de)]
-        calls = iter(others)
+        gathered = [1 - F.cosine_similarity(e, d.detach(), dim=1).unsqueeze(1) for e, d in zip(en, de)]  # both ranks
+        calls = iter(gathered)
         (hard_mining_cosine_loss([e[part] for e in en], d_part, p=0.9, gather=lambda _d: next(calls)) / 2).backward()
         halves.append([d.grad for d in d_part])
     for g in range(2):
