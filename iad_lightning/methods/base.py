@@ -94,6 +94,13 @@ class AnomalyModule(L.LightningModule):
         if self.crossfit is not None:
             self.crossfit.exclude(records)
 
+    def evaluation_targets(self, out: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, H, W) maps and boolean masks the pixel metrics see. Default (the project's
+        protocol): the map at the input size and ``mask > 0.5``. ``out`` is ``_predict_with_size``'s,
+        with the method's own map in ``anomaly_map_native``; a method whose official protocol
+        evaluates elsewhere offers it as an option by overriding this."""
+        return out["anomaly_map"][:, 0], batch["mask"][:, 0] > 0.5
+
     def export_module(self) -> torch.nn.Module:
         """The pure-torch inference graph ``images -> (anomaly_map, pred_score)`` with every
         normalisation baked in, for ``python -m iad_lightning.export``. Methods that can be
@@ -112,7 +119,7 @@ class AnomalyModule(L.LightningModule):
         amap = out["anomaly_map"]
         if amap.shape[-2:] != batch["image"].shape[-2:]:  # maps are evaluated at input size
             amap = F.interpolate(amap, size=batch["image"].shape[-2:], mode="bilinear", align_corners=False)
-        return {"anomaly_map": amap, "pred_score": out["pred_score"]}
+        return {"anomaly_map": amap, "pred_score": out["pred_score"], "anomaly_map_native": out["anomaly_map"]}
 
     def on_fit_start(self) -> None:
         """The fit's preprocessing (the datamodule's, overrides included) becomes the model's."""
@@ -146,13 +153,14 @@ class AnomalyModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self._predict_with_size(batch)
+        maps, masks = self.evaluation_targets(out, batch)
         self._test_buffer.add(
             {
                 "index": batch["index"].cpu().numpy(),
                 "pred_score": out["pred_score"].detach().float().cpu().numpy(),
                 "label": torch.as_tensor(batch["label"]).cpu().numpy(),
-                "anomaly_map": out["anomaly_map"].detach().float().cpu().numpy()[:, 0],
-                "mask": batch["mask"].cpu().numpy()[:, 0] > 0.5,
+                "anomaly_map": maps.detach().float().cpu().numpy(),
+                "mask": masks.cpu().numpy(),
                 "category": np.asarray(batch["category"]),
                 "path": np.asarray([str(p) for p in batch.get("path", batch["index"].tolist())]),
                 # fraction of mask pixels inside the crop (data/crop_check.py); 1 for other loaders
@@ -217,6 +225,18 @@ class AnomalyModule(L.LightningModule):
         for key, value in self.results["calibrated"]["mean"].items():
             if value is not None:
                 self.log(f"test/calibrated/{key}", value, rank_zero_only=True, sync_dist=False)
+
+
+def split_effective_batch(datamodule: Any, effective: int, world_size: int) -> None:
+    """Per-device batch = ``effective`` / world size unless ``data.batch_size`` is set (methods
+    whose recipe fixes the batch over all devices: UniAD, Dinomaly)."""
+    if datamodule.batch_size is None:
+        if effective % world_size:
+            raise ConfigError(
+                f"method.effective_batch_size={effective} is not divisible by the {world_size} devices; "
+                "change it or set data.batch_size (per device)"
+            )
+        datamodule.batch_size = effective // world_size
 
 
 def _fill_missing_thresholds(module, state_dict, prefix, *args) -> None:
