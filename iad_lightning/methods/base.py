@@ -123,8 +123,8 @@ class AnomalyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """The fit's preprocessing (the datamodule's, overrides included) becomes the model's."""
-        served = getattr(getattr(self.trainer, "datamodule", None), "input_preprocess", None)
-        if served is None:  # plain loaders: the method's own
+        served = getattr(getattr(self._trainer, "datamodule", None), "input_preprocess", None)
+        if served is None:  # no trainer (a hook called directly) or plain loaders: the method's own
             return
         if self.fitted_preprocess is not None and not same_geometry(self.fitted_preprocess, served):
             self.print(f"warning: resuming a model fitted with {describe_preprocess(self.fitted_preprocess)} "
