@@ -19,8 +19,9 @@ CONFIG_KEY = "iad_method_config"
 
 # Files a method reads only while fitting (their tensors are in the checkpoint): nulled on reload,
 # so test.py needs neither the file nor its path (EfficientAD's teacher and penalty images,
-# UniAD's official checkpoint, AnomalyCLIP's CLIP weights and official prompts).
-FIT_ONLY_FILES = ("teacher_weights", "penalty_dir", "official_checkpoint", "clip_weights", "prompt_checkpoint")
+# UniAD's official checkpoint, AnomalyCLIP's CLIP weights and official prompts, Dinomaly's encoder weights).
+FIT_ONLY_FILES = ("teacher_weights", "penalty_dir", "official_checkpoint", "clip_weights", "prompt_checkpoint",
+                  "encoder_weights")
 
 
 def _offline_backbones(cfg: Any) -> Any:

@@ -229,7 +229,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     """Both results tables as markdown that renders (blank lines around each table)."""
     text = "### Threshold-free metrics\n\n" + markdown_table(results)
     if results.get("calibrated"):
-        text += "\n\n### At the calibrated thresholds (held-out normal images)\n\n" + calibrated_table(results)
+        text += "\n\n### At the calibrated thresholds (out-of-sample normal train images)\n\n" + calibrated_table(results)
     return text + "\n"
 
 

@@ -48,8 +48,13 @@ class Preprocess:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     extra: tuple = field(default=(), compare=False)  # method-specific train augmentations (v2)
     resize_backend: str = "tensor"  # pil | tensor (module docstring); methods pass their official one
+    # nearest: binary masks (the project's protocol); bilinear: Pillow's bilinear resize of the 0/255
+    # mask image, grey edges in [0, 1] (the official Dinomaly transform; binarised by its own rule)
+    mask_interpolation: str = "nearest"
 
     def __post_init__(self) -> None:
+        if self.mask_interpolation not in ("nearest", "bilinear"):
+            raise ConfigError(f"mask_interpolation='{self.mask_interpolation}' must be nearest or bilinear")
         if self.resize_backend not in RESIZE_BACKENDS:
             raise ConfigError(
                 f"method.resize_backend='{self.resize_backend}' must be one of {RESIZE_BACKENDS} "
@@ -89,6 +94,7 @@ class PairTransform:
         self.crop = v2.CenterCrop(preprocess.crop) if preprocess.crop is not None else None
         self.extra = v2.Compose(list(preprocess.extra)) if preprocess.extra else None
         self.normalize = v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std))
+        self.grey_masks = preprocess.mask_interpolation == "bilinear"
 
     def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         img, msk, _ = self.apply(image, mask)
@@ -98,17 +104,20 @@ class PairTransform:
         """(image, mask, kept): ``kept`` is the fraction of the mask's pixels at the resize
         resolution that survive the centre crop (1.0 without a crop or without mask pixels)."""
         msk = tv_tensors.Mask(torch.from_numpy(mask.astype(np.uint8))[None])
+        if self.grey_masks:  # the official Dinomaly mask: Pillow's bilinear on the 0/255 image, then [0, 1]
+            grey = (self.pil_resize or self.tensor_resize)(Image.fromarray(mask.astype(np.uint8) * 255))
+            msk = tv_tensors.Mask(v2.functional.pil_to_tensor(grey).to(torch.float32).div_(255))
         if self.pil_resize is not None:
-            image, msk = self.pil_resize(image, msk)
+            image, msk = (self.pil_resize(image), msk) if self.grey_masks else self.pil_resize(image, msk)
         img = tv_tensors.Image(v2.functional.pil_to_tensor(image).to(torch.float32).div_(255))  # = ToTensor
         if self.tensor_resize is not None:
-            img, msk = self.tensor_resize(img, msk)
+            img, msk = (self.tensor_resize(img), msk) if self.grey_masks else self.tensor_resize(img, msk)
         kept = 1.0
         if self.crop is not None:
-            total = int(msk.sum())
+            total = float(msk.sum())
             img, msk = self.crop(img, msk)
             if total:
-                kept = int(msk.sum()) / total
+                kept = float(msk.sum()) / total
         if self.extra is not None:
             img, msk = self.extra(img, msk)
         return self.normalize(img).as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).float(), kept

@@ -47,10 +47,11 @@ def kshot_records(records: list, shots: int, seed: int) -> list:
 
 @torch.no_grad()
 def set_kshot_bank(extractor: ResidualProjectorExtractor, records: list, shots: int, seed: int, image_size: int,
-                   device: torch.device) -> int:
-    """Fill the extractor's bank from k-shot train good images; returns the number of images."""
+                   device: torch.device) -> list:
+    """Fill the extractor's bank from k-shot train good images; returns their records (the method
+    fits on them whatever the cross-fitting fold: ``AnomalyModule.exclude_from_calibration``)."""
     if not extractor.uses_bank:
-        return 0
+        return []
     chosen = kshot_records(records, shots, seed)
     if not chosen:
         raise DatasetError("method.projector needs train good images for the k-shot reference bank")
@@ -58,4 +59,4 @@ def set_kshot_bank(extractor: ResidualProjectorExtractor, records: list, shots: 
     data = AnomalyDataset(chosen, pre)
     images = torch.stack([data[i]["image"] for i in range(len(data))]).to(device)
     extractor.set_bank(images)
-    return len(chosen)
+    return chosen

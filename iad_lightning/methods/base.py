@@ -8,9 +8,11 @@ ranks, drops the duplicates a distributed sampler pads with, and reduces them wi
 calibrated thresholds); the category's maps are then freed, so test memory is bounded by the
 largest category (``category_buffer``). No method computes its own metrics.
 
-Every method also carries the decision thresholds calibrated after fitting on held-out normal
-images (``iad_lightning.calibration``): buffers ``image_threshold``, ``pixel_threshold`` and the
-widths of the normalised score, NaN until calibrated.
+Every method also carries the decision thresholds calibrated after fitting on out-of-sample
+scores of normal train images (``iad_lightning.calibration``): buffers ``image_threshold``,
+``pixel_threshold`` and the widths of the normalised score (global, NaN until calibrated), and per
+category in ``calibration_info``. A method whose fit is cheap sets ``supports_crossfit`` and, when
+``crossfit`` is set, hands ``out_of_sample`` scores to the calibration (``iad_lightning.crossfit``).
 
 And it carries the preprocessing it was fitted with (``fitted_preprocess``: the datamodule's,
 data-level overrides such as ``data.center_crop=false`` included), recorded when fitting starts,
@@ -64,6 +66,8 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 class AnomalyModule(L.LightningModule):
     """Base LightningModule: subclasses implement ``preprocess`` and ``predict_batch``."""
 
+    supports_crossfit = False  # True: the fit fills ``out_of_sample`` when ``crossfit`` is set
+
     def __init__(self) -> None:
         super().__init__()
         self.results: dict[str, Any] | None = None
@@ -73,6 +77,8 @@ class AnomalyModule(L.LightningModule):
         self.calibration_info: dict[str, Any] | None = None
         self.fitted_preprocess: Preprocess | None = None  # set at fit start or from the checkpoint
         self.image_scores: list[dict[str, Any]] = []  # per test image: path, category, label, score
+        self.crossfit: Any = None  # crossfit.CrossFit, set by callbacks.calibration before fitting
+        self.out_of_sample: Any = None  # calibration.NormalScores of the train images, from the fit
         for name in THRESHOLD_BUFFERS:  # NaN = not calibrated; set by calibration.ThresholdCalibration
             self.register_buffer(name, torch.tensor(float("nan")))
         self._register_load_state_dict_pre_hook(_fill_missing_thresholds, with_module=True)
@@ -96,6 +102,18 @@ class AnomalyModule(L.LightningModule):
         """Adapt the datamodule once the trainer exists (e.g. per-device batch from an effective
         batch). Called by ``train.py`` and ``test.py`` before any loader is built; default: no-op."""
 
+    def exclude_from_calibration(self, records: list) -> None:
+        """Train images the method fits on whatever the fold (a k-shot reference bank): not scored."""
+        if self.crossfit is not None:
+            self.crossfit.exclude(records)
+
+    def evaluation_targets(self, out: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, H, W) maps and boolean masks the pixel metrics see. Default (the project's
+        protocol): the map at the input size and ``mask > 0.5``. ``out`` is ``_predict_with_size``'s,
+        with the method's own map in ``anomaly_map_native``; a method whose official protocol
+        evaluates elsewhere offers it as an option by overriding this."""
+        return out["anomaly_map"][:, 0], batch["mask"][:, 0] > 0.5
+
     def export_module(self) -> torch.nn.Module:
         """The pure-torch inference graph ``images -> (anomaly_map, pred_score)`` with every
         normalisation baked in, for ``python -m iad_lightning.export``. Methods that can be
@@ -114,13 +132,13 @@ class AnomalyModule(L.LightningModule):
         amap = out["anomaly_map"]
         if amap.shape[-2:] != batch["image"].shape[-2:]:  # maps are evaluated at input size
             amap = F.interpolate(amap, size=batch["image"].shape[-2:], mode="bilinear", align_corners=False)
-        return {"anomaly_map": amap, "pred_score": out["pred_score"]}
+        return {"anomaly_map": amap, "pred_score": out["pred_score"], "anomaly_map_native": out["anomaly_map"]}
 
     def on_fit_start(self) -> None:
         """The fit's preprocessing (the datamodule's, overrides included) becomes the model's."""
         _quiet_fit_without_optimizer(self._trainer)  # None outside a fit (unit tests)
-        served = getattr(getattr(self.trainer, "datamodule", None), "input_preprocess", None)
-        if served is None:  # plain loaders: the method's own
+        served = getattr(getattr(self._trainer, "datamodule", None), "input_preprocess", None)
+        if served is None:  # no trainer (a hook called directly) or plain loaders: the method's own
             return
         if self.fitted_preprocess is not None and not same_geometry(self.fitted_preprocess, served):
             self.print(f"warning: resuming a model fitted with {describe_preprocess(self.fitted_preprocess)} "
@@ -149,13 +167,14 @@ class AnomalyModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self._predict_with_size(batch)
+        maps, masks = self.evaluation_targets(out, batch)
         self._test_buffer.add(
             {
                 "index": batch["index"].cpu().numpy(),
                 "pred_score": out["pred_score"].detach().float().cpu().numpy(),
                 "label": torch.as_tensor(batch["label"]).cpu().numpy(),
-                "anomaly_map": out["anomaly_map"].detach().float().cpu().numpy()[:, 0],
-                "mask": batch["mask"].cpu().numpy()[:, 0] > 0.5,
+                "anomaly_map": maps.detach().float().cpu().numpy(),
+                "mask": masks.cpu().numpy(),
                 "category": np.asarray(batch["category"]),
                 "path": np.asarray([str(p) for p in batch.get("path", batch["index"].tolist())]),
                 # fraction of mask pixels inside the crop (data/crop_check.py); 1 for other loaders
@@ -184,13 +203,14 @@ class AnomalyModule(L.LightningModule):
         result = {
             "metrics": compute_metrics(pred["pred_score"], pred["label"], maps, masks, curves=curves),
             "crop_check": crop_check(pred["category"], pred["label"], pred["mask_kept"])[cat],
-            "calibrated": calibrated_category(pred["pred_score"], pred["label"], maps, masks, self),
+            "calibrated": calibrated_category(pred["pred_score"], pred["label"], maps, masks, self, cat),
         }
         # the exact curve points behind the metrics, thinned for the plots (callbacks/plots.py), so
         # that memory stays per category: a pixel ROC has up to one point per pixel
         self.curves[cat] = thin_curves(curves, CURVE_POINTS)
         result["image_scores"] = [{"path": str(p), "category": cat, "label": int(y), "score": float(s)}
                                   for p, y, s in zip(pred["path"], pred["label"], pred["pred_score"])]
+        self.curves[cat]["test_scores"] = (pred["pred_score"].copy(), pred["label"].copy())  # calibration plot
         return result
 
     def on_test_epoch_end(self) -> None:
@@ -229,6 +249,18 @@ def _quiet_fit_without_optimizer(trainer: L.Trainer) -> None:
     if optimizers and all(type(opt).__name__ == "_MockOptimizer" for opt in optimizers):
         warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the "
                                 r"logging interval")
+
+
+def split_effective_batch(datamodule: Any, effective: int, world_size: int) -> None:
+    """Per-device batch = ``effective`` / world size unless ``data.batch_size`` is set (methods
+    whose recipe fixes the batch over all devices: UniAD, Dinomaly)."""
+    if datamodule.batch_size is None:
+        if effective % world_size:
+            raise ConfigError(
+                f"method.effective_batch_size={effective} is not divisible by the {world_size} devices; "
+                "change it or set data.batch_size (per device)"
+            )
+        datamodule.batch_size = effective // world_size
 
 
 def _fill_missing_thresholds(module, state_dict, prefix, *args) -> None:

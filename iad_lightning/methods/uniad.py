@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.errors import ConfigError
-from iad_lightning.methods.base import AnomalyModule
+from iad_lightning.methods.base import AnomalyModule, split_effective_batch
 from iad_lightning.models.backbones import FeatureExtractor
 from iad_lightning.models.uniad import (
     UniADInference,
@@ -110,14 +110,7 @@ class UniAD(AnomalyModule):
 
     def configure_data(self, datamodule: Any, world_size: int) -> None:
         """Per-device batch = effective batch / world size unless ``data.batch_size`` is set."""
-        if datamodule.batch_size is None:
-            eff = self.hparams.effective_batch_size
-            if eff % world_size:
-                raise ConfigError(
-                    f"method.effective_batch_size={eff} is not divisible by the {world_size} devices; "
-                    "change it or set data.batch_size (per device)"
-                )
-            datamodule.batch_size = eff // world_size
+        split_effective_batch(datamodule, self.hparams.effective_batch_size, world_size)
 
     # -- fit -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

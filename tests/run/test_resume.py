@@ -35,10 +35,10 @@ TINY_UNIAD = [
 ]
 
 
-def _killed_run(out: Path) -> Path:
+def _killed_run(out: Path, overrides: list[str] = TINY_UNIAD) -> Path:
     """Start a run, SIGKILL it as soon as its first periodic checkpoint exists; return that file."""
     ckpt = out / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY_UNIAD, f"hydra.run.dir={out}"],
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={out}"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
