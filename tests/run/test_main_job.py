@@ -8,9 +8,9 @@ import time
 from .test_entrypoints import run
 
 # The warnings the default run still prints, by source: each is the project's own and actionable.
-# The calibration one says that 10 held-out normal images cannot measure a 1 % false-alarm rate
-# (iad_lightning/calibration.py; the small-sample rule of issue 20 may remove it from this run).
-REMAINING_WARNINGS = ["iad_lightning/calibration.py"]
+# calibration.py, once per category (5): 16 normal train images per category cannot resolve a 1 %
+# false-alarm rate; the warning gives the supported interval and how many more images it needs.
+REMAINING_WARNINGS = ["iad_lightning/calibration.py"] * 5
 
 
 def test_main_job_offline_synthetic_patchcore_lite0(tmp_path):
