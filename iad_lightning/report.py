@@ -1,12 +1,14 @@
 """Turn a run or a multirun folder into one markdown table.
 
     python -m iad_lightning.report outputs/train/multiruns/2026-11-22_10-00-00
+    python -m iad_lightning.report outputs/train/runs/2026-11-22_10-00-00      (a single run)
 
-Rows are categories plus a mean row; columns are runs x metrics. A run is any folder holding a
-``results.json``; it is named by its Hydra overrides (``.hydra/overrides.yaml``), else by its
-folder. Runs whose overrides differ only in ``data.category`` (a per-category sweep) form one
-column group, whose mean row is the unweighted mean over its categories. The table is printed and
-written as ``report.md`` in DIR.
+Rows are categories plus a mean row. A run is any folder holding a ``results.json``. Runs are
+grouped by the Hydra overrides (``.hydra/overrides.yaml``) that vary between them, other than the
+category: a plain category sweep (``-m data.category=bottle,screw``) is one group, so one column
+per metric; a method sweep (``-m method=patchcore,padim data.category=...``) is one column group per
+method (``method=patchcore<br>I-AUROC``). A group's mean row is the unweighted mean over its own
+categories. The table is printed and written as ``report.md`` in DIR.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import yaml
 from iad_lightning.metrics import METRIC_KEYS
 from iad_lightning.results import SHORT_NAMES, _fmt, atomic_write, mean_over_categories
 
+IGNORED = ("hydra.", "paths.", "data.category", "logger", "callbacks", "tracking.")  # not what a run is
+
 
 def find_runs(root: Path) -> list[Path]:
     """Folders under ``root`` (itself included) that hold a results.json, in a stable order."""
@@ -32,15 +36,26 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(runs, key=number)
 
 
-def run_name(run: Path, root: Path) -> str:
-    overrides = run / ".hydra" / "overrides.yaml"
-    if overrides.is_file():
-        items = yaml.safe_load(overrides.read_text()) or []
-        items = [o for o in items if not o.startswith(("hydra.", "paths.", "data.category="))]
-        if items:
-            return " ".join(items)
-    rel = run.relative_to(root)
-    return str(rel) if str(rel) != "." else run.name
+def run_overrides(run: Path) -> dict[str, str]:
+    """``{key: value}`` of the run's Hydra overrides, except those that do not change what is
+    measured (output paths, loggers, callbacks) and the category."""
+    path = run / ".hydra" / "overrides.yaml"
+    items = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+    out = {}
+    for item in items:
+        key, _, value = str(item).lstrip("+~").partition("=")
+        if not key.startswith(IGNORED):
+            out[key] = value
+    return out
+
+
+def group_names(runs: list[Path]) -> list[str]:
+    """Each run's column group: the overrides that vary between the runs, other than the category
+    ('' when none vary: a single group)."""
+    overrides = [run_overrides(r) for r in runs]
+    keys = {k for o in overrides for k in o}
+    varying = [k for k in sorted(keys) if len({o.get(k) for o in overrides}) > 1]
+    return [" ".join(f"{k}={o[k]}" for k in varying if k in o) for o in overrides]
 
 
 def build_report(root: str | Path, metrics: tuple[str, ...] | None = None) -> str:
@@ -50,12 +65,12 @@ def build_report(root: str | Path, metrics: tuple[str, ...] | None = None) -> st
     if not runs:
         raise FileNotFoundError(f"no results.json under '{root}'")
     results: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        name = run_name(run, root)
+    for run, name in zip(runs, group_names(runs)):
         res = json.loads((run / "results.json").read_text())
         group = results.setdefault(name, {"categories": {}})
         if set(group["categories"]) & set(res["categories"]):  # a repeated run: its own column
-            name = f"{name} ({run.relative_to(root)})"
+            rel = str(run.relative_to(root))
+            name = f"{name} ({rel})" if name else rel
             group = results.setdefault(name, {"categories": {}})
         group["categories"].update(res["categories"])
     for group in results.values():
@@ -66,7 +81,8 @@ def build_report(root: str | Path, metrics: tuple[str, ...] | None = None) -> st
     categories: list[str] = []
     for r in results.values():
         categories += [c for c in r["categories"] if c not in categories]
-    header = ["category"] + [f"{name}<br>{SHORT_NAMES[k]}" for name in results for k in keys]
+    header = ["category"] + [f"{name}<br>{SHORT_NAMES[k]}" if name else SHORT_NAMES[k]
+                             for name in results for k in keys]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for cat in categories:
         cells = [_fmt(r["categories"].get(cat, {}).get(k)) for r in results.values() for k in keys]

@@ -12,9 +12,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from iad_lightning import console, tracking
 from iad_lightning.calibration import apply_holdout, cross_fits
 from iad_lightning.callbacks.calibration import ThresholdCalibration
 from iad_lightning.callbacks.checkpoint import RNGState
+from iad_lightning.callbacks.progress import with_progress_bar
 from iad_lightning.checkpoint import load_method
 from iad_lightning.data.geometry import preprocess_to_dict, serve_fitted_geometry
 from iad_lightning.errors import ConfigError
@@ -48,7 +50,7 @@ def _build(
 ) -> tuple[L.LightningDataModule, L.Trainer]:
     datamodule = instantiate(cfg.data)
     datamodule.preprocess = model.preprocess
-    loggers = _instantiate_group(cfg.get("logger"))
+    loggers = tracking.start(cfg, model)  # named, tagged, the whole config logged
     extra = {}
     strategy = cfg.trainer.get("strategy")
     resolved = resolve_strategy(strategy)
@@ -57,7 +59,8 @@ def _build(
     trainer = instantiate(
         cfg.trainer,
         **extra,
-        callbacks=[*extra_callbacks, *_instantiate_group(cfg.get("callbacks")), RNGState()],
+        callbacks=with_progress_bar([*extra_callbacks, *_instantiate_group(cfg.get("callbacks")), RNGState()],
+                                    cfg.trainer.get("enable_progress_bar")),
         logger=loggers or False,
         default_root_dir=cfg.paths.output_dir,
     )
@@ -65,7 +68,8 @@ def _build(
     return datamodule, trainer
 
 
-def _finish(trainer: L.Trainer, model: L.LightningModule, out_dir: str) -> dict[str, Any]:
+def _finish(trainer: L.Trainer, model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
+    out_dir = cfg.paths.output_dir
     results = model.results
     if getattr(model, "trained_on", None):  # fitted on other data than it is tested on (zero-shot)
         results = {**results, "trained_on": model.trained_on}
@@ -78,25 +82,11 @@ def _finish(trainer: L.Trainer, model: L.LightningModule, out_dir: str) -> dict[
         table = markdown_table(results)
         if results.get("calibrated"):
             table += "\nAt the calibrated thresholds (out-of-sample normal train images):\n" + calibrated_table(results)
-        for logger in trainer.loggers:
-            log_results_table(logger, results, table)
-        print(f"\nResults ({Path(out_dir) / 'results.json'}):\n{table}")
+        tracking.log_results(trainer.loggers, results)
+        boards = tracking.dashboards(trainer.loggers, cfg.paths.get("log_dir"))
+        tracking.finish(trainer.loggers)
+        print(console.run_summary(out_dir, table, boards, console.log_file_of(out_dir)))
     return results
-
-
-def log_results_table(logger: Any, results: dict[str, Any], table: str) -> None:
-    """Hand the per-category table to loggers that show tables or text."""
-    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
-
-    if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_text("results", table)
-    elif isinstance(logger, WandbLogger):
-        keys = list(results["mean"])
-        rows = [[c, *[m[k] for k in keys]] for c, m in results["categories"].items()]
-        logger.log_table("results", columns=["category", *keys], data=rows + [["mean", *results["mean"].values()]])
-    elif isinstance(logger, MLFlowLogger):
-        logger.experiment.log_text(logger.run_id, table, "results.md")
-        logger.experiment.log_dict(logger.run_id, results, "results.json")
 
 
 def resume_path(ckpt_path: str | None) -> str | None:
@@ -148,6 +138,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
 
     With ``eval_data`` set, the test runs on that second data config instead (the auxiliary-data
     protocol: fit on ``data`` with ``data.fit_split=test``, evaluate zero-shot on ``eval_data``)."""
+    console.setup_logging()
     L.seed_everything(cfg.seed, workers=True)
     configure_numerics(cfg)
     model = instantiate(cfg.method)
@@ -167,17 +158,19 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         apply_holdout(datamodule, float(threshold.get("holdout_fraction", 0.0)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path")))
     if not cfg.get("test", True):
+        tracking.finish(trainer.loggers)
         return None
     if eval_data:
         datamodule = _eval_datamodule(cfg, model, trainer.world_size)
     else:  # the fit's own geometry: the same, now read from the model
         _use_model_geometry(datamodule, model)
     trainer.test(model, datamodule=datamodule, verbose=False)
-    return _finish(trainer, model, cfg.paths.output_dir)
+    return _finish(trainer, model, cfg)
 
 
 def test(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate a training checkpoint (``ckpt_path``) on ``cfg.data``, without re-fitting."""
+    console.setup_logging()
     L.seed_everything(cfg.seed, workers=True)
     configure_numerics(cfg)
     model = load_method(cfg.ckpt_path)
@@ -185,4 +178,4 @@ def test(cfg: DictConfig) -> dict[str, Any]:
     datamodule, trainer = _build(cfg, model)
     _use_model_geometry(datamodule, model, str(cfg.get("geometry", "model")))
     trainer.test(model, datamodule=datamodule, verbose=False)
-    return _finish(trainer, model, cfg.paths.output_dir)
+    return _finish(trainer, model, cfg)

@@ -22,6 +22,7 @@ export use.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -48,6 +49,18 @@ from iad_lightning.results import mean_over_categories
 
 
 CURVE_POINTS = 4000  # vertices kept per curve for the plots (the metrics use every point)
+
+# Lightning warnings that do not apply to these methods (there is nothing for a user to change):
+# - the held-out normal images are the datamodule's validation split for threshold calibration
+#   (calibration.py), not for a validation loop, which methods without validation_step skip on purpose;
+warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+# - memory-bank and Gaussian methods (PatchCore, PaDiM, FeatureNorm) fit without an optimiser;
+warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
+# - frozen pretrained backbones (and EfficientAD's teacher) stay in eval mode on purpose: their
+#   batch-norm statistics are part of the weights;
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# - Lightning's own call of a torch pytree API that torch deprecated (gone with a newer Lightning).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class AnomalyModule(L.LightningModule):
@@ -123,6 +136,7 @@ class AnomalyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """The fit's preprocessing (the datamodule's, overrides included) becomes the model's."""
+        _quiet_fit_without_optimizer(self._trainer)  # None outside a fit (unit tests)
         served = getattr(getattr(self._trainer, "datamodule", None), "input_preprocess", None)
         if served is None:  # no trainer (a hook called directly) or plain loaders: the method's own
             return
@@ -225,6 +239,16 @@ class AnomalyModule(L.LightningModule):
         for key, value in self.results["calibrated"]["mean"].items():
             if value is not None:
                 self.log(f"test/calibrated/{key}", value, rank_zero_only=True, sync_dist=False)
+
+
+def _quiet_fit_without_optimizer(trainer: L.Trainer) -> None:
+    """configure_optimizers returned None (Lightning then fits with a mock optimiser): such a fit logs
+    nothing per step, so Lightning's "training batches smaller than the logging interval" advice
+    does not apply to it."""
+    optimizers = getattr(trainer, "optimizers", None) or []
+    if optimizers and all(type(opt).__name__ == "_MockOptimizer" for opt in optimizers):
+        warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the "
+                                r"logging interval")
 
 
 def split_effective_batch(datamodule: Any, effective: int, world_size: int) -> None:

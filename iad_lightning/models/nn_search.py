@@ -23,6 +23,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# faiss's loader logs at INFO each CPU-specific build it tries (AVX512-SPR, AVX512, AVX2), with a
+# ModuleNotFoundError for each one this wheel lacks, before the one that loads: noise that says
+# nothing about the run. Its warnings and errors still show.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
 try:  # faiss is optional: the torch backend covers every case, only slower for big banks.
     import faiss
 

@@ -64,12 +64,32 @@ def test_crop_check_counts_per_category_and_warns():
     kept = np.array([1.0, 1.0, 0.25, 0.0, 1.0, 1.0])
     check = crop_check(category, label, kept)
     assert check == {
-        "a": {"defective": 3, "partly_outside": 1, "wholly_outside": 1, "mask_pixels_kept": pytest.approx(1.25 / 3)},
-        "b": {"defective": 2, "partly_outside": 0, "wholly_outside": 0, "mask_pixels_kept": 1.0},
+        "a": {"defective": 3, "partly_outside": 1, "wholly_outside": 1, "mostly_outside": 2,
+              "mask_pixels_kept": pytest.approx(1.25 / 3)},
+        "b": {"defective": 2, "partly_outside": 0, "wholly_outside": 0, "mostly_outside": 0, "mask_pixels_kept": 1.0},
     }
     with pytest.warns(UserWarning, match=r"a: 1 partly, 1 wholly outside of 3 defective.*method.crop=null"):
         warn_if_cropped(check)
     assert warn_if_cropped({"b": check["b"]}) is None
+
+
+def test_crop_check_warns_only_when_a_defect_is_mostly_cut(caplog):
+    """A defect trimmed at its edge (>= half of its pixels kept) is an INFO line, not a warning;
+    one image keeping less than half of its defect is a warning."""
+    import logging
+    import warnings
+
+    trimmed = crop_check(np.array(["a", "a"]), np.array([1, 1]), np.array([1.0, 0.9]))
+    assert trimmed["a"]["partly_outside"] == 1 and trimmed["a"]["mostly_outside"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.INFO, logger="iad_lightning.data.crop_check"):
+            assert "a: 1 partly" in warn_if_cropped(trimmed)
+    assert "crop check" in caplog.text
+    mostly = crop_check(np.array(["a", "a"]), np.array([1, 1]), np.array([1.0, 0.4]))
+    assert mostly["a"]["mostly_outside"] == 1 and mostly["a"]["wholly_outside"] == 0
+    with pytest.warns(UserWarning, match="a: 1 partly, 0 wholly"):
+        warn_if_cropped(mostly)
 
 
 def test_datamodule_center_crop_false_serves_whole_images(tmp_path):

@@ -100,7 +100,7 @@ def test_train_py_distils_and_writes_a_nelson_layout_teacher(natural, tmp_path):
     images without the grayscale draw, so that the loss of that batch must fall."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "train.py"), "method=efficientad_teacher", "data=images",
-           f"data.root={natural}", "+data.options.limit=4", "backbone=lite0", "method.image_size=32",
+           f"data.root={natural}", "data.options.limit=4", "backbone=lite0", "method.image_size=32",
            "method.num_steps=16", "method.lr=1e-3", "method.grayscale_p=0.0", "data.batch_size=4",
            "data.num_workers=1", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)

@@ -69,3 +69,36 @@ def test_parallel_launcher_one_job_per_device():
     assert ParallelLauncher(devices=None).joblib["n_jobs"] == 2  # CPU: no pinning, 2 jobs
     with pytest.raises(ConfigError, match="n_jobs=3 exceeds"):
         ParallelLauncher(devices="0,1", n_jobs=3)
+
+
+DATA_CONFIGS = ["synthetic", "mvtec", "mpdd", "btad", "visa", "realiad", "mvtec_loco", "anomalyclip", "folder", "images"]
+
+
+@pytest.mark.parametrize("data", DATA_CONFIGS)
+def test_every_format_option_is_declared_with_the_code_default(data):
+    """Each data config declares every keyword option of its format with the format's own default,
+    so that data.options.<key>=... overrides compose without '+'."""
+    import inspect
+
+    from iad_lightning.data.formats.base import FORMATS, get_index  # noqa: F401
+    import iad_lightning.data.formats  # noqa: F401  (registers the formats)
+
+    cfg = _compose("train", [f"data={data}", "data.root=/x"])
+    params = inspect.signature(FORMATS[cfg.data.format].__init__).parameters
+    code = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    declared = OmegaConf.to_container(cfg.data.options)
+    assert set(declared) == set(code), f"data/{data}.yaml options {sorted(declared)} != the format's {sorted(code)}"
+    # the defaults agree, except the main job's deliberately smaller synthetic set
+    differ = {k for k in code if declared[k] != code[k]}
+    assert differ <= ({"n_train", "n_test_good", "n_test_defect"} if data == "synthetic" else set()), differ
+
+
+def test_folder_options_compose_without_plus():
+    overrides = ["data=folder", "data.root=/parts", "data.options.normal_dir=ok", "data.options.abnormal_dirs=[scratch,dent]",
+                 "data.options.normal_test_dir=ok_test", "data.options.mask_dir=masks", "data.options.test_fraction=0.3",
+                 "data.center_crop=true"]
+    o = _compose("train", overrides).data.options
+    assert (o.normal_dir, list(o.abnormal_dirs), o.normal_test_dir, o.mask_dir, o.test_fraction) == (
+        "ok", ["scratch", "dent"], "ok_test", "masks", 0.3)
+    assert _compose("train", ["data=mvtec", "data.center_crop=false"]).data.center_crop is False  # the crop warning's advice
+    assert _compose("train", ["data.options.image_size=64"]).data.options.image_size == 64

@@ -45,6 +45,34 @@ def test_category_sweep_becomes_one_column_group(tmp_path):
     assert lines[4] == "| **mean** | 75.00 | 25.00 |"  # mean over each group's own categories
 
 
+def test_plain_category_sweep_is_one_table_with_a_mean_row(tmp_path):
+    """python train.py -m data.category=fabric,wood: the category is the only override."""
+    for i, (cat, v) in enumerate({"fabric": 0.5, "wood": 1.0, "gear": 0.75}.items()):
+        _run(tmp_path / str(i), _res({cat: v}), [f"data.category={cat}", "hydra.run.dir=x"])
+    lines = build_report(tmp_path, ("image_auroc", "pixel_aupro")).strip().splitlines()
+    assert lines[0] == "| category | I-AUROC | AUPRO |"  # no "0", "1" column groups
+    assert lines[2:] == ["| fabric | 50.00 | 50.00 |", "| wood | 100.00 | 100.00 |", "| gear | 75.00 | 75.00 |",
+                         "| **mean** | 75.00 | 75.00 |"]
+
+
+def test_method_sweep_is_one_column_group_per_method(tmp_path):
+    """-m method=patchcore,padim data.category=a,b data=mvtec: groups by the varying method only."""
+    values = {("patchcore", "a"): 0.5, ("patchcore", "b"): 1.0, ("padim", "a"): 0.25, ("padim", "b"): 0.75}
+    for i, ((method, cat), v) in enumerate(values.items()):
+        _run(tmp_path / str(i), _res({cat: v}), ["data=mvtec", f"method={method}", f"data.category={cat}",
+                                                f"logger=many"])
+    lines = build_report(tmp_path, ("image_auroc",)).strip().splitlines()
+    assert lines[0] == "| category | method=patchcore<br>I-AUROC | method=padim<br>I-AUROC |"
+    assert lines[2:] == ["| a | 50.00 | 25.00 |", "| b | 100.00 | 75.00 |", "| **mean** | 75.00 | 50.00 |"]
+
+
+def test_single_run_folder(tmp_path):
+    """A run folder itself (one results.json with several categories, e.g. unified mode)."""
+    _run(tmp_path / "run", _res({"a": 0.5, "b": 1.0}), ["data=mvtec", "method=uniad"])
+    lines = build_report(tmp_path / "run", ("image_auroc",)).strip().splitlines()
+    assert lines == ["| category | I-AUROC |", "|---|---:|", "| a | 50.00 |", "| b | 100.00 |", "| **mean** | 75.00 |"]
+
+
 def test_report_cli_writes_next_to_runs(tmp_path, capsys):
     _run(tmp_path / "0", _res({"a": 0.5}), [])
     main([str(tmp_path)])
