@@ -132,7 +132,7 @@ def calibrate(module: Any, datamodule: Any, normal_fpr: float = 0.01, pixel_norm
     module.eval()
     scores, pixels = [torch.empty(0)], [torch.empty(0)]
     for batch in loader:
-        out = module._predict_with_size({"image": batch["image"].to(module.device)})
+        out = module._predict_with_size({"image": batch["image"].to(module.device), "category": batch.get("category")})
         scores.append(out["pred_score"].detach().float().flatten().cpu())
         pixels.append(out["anomaly_map"].detach().float().flatten().cpu())
     module.train(was_training)

@@ -12,6 +12,16 @@ official PatchCore, EfficientAD and UniAD pipelines (torchvision ``Resize`` on t
 bilinear on the float tensor; the two differ by up to about 1/255 per pixel before normalisation.
 Crop, augmentations and normalisation come after the resize in both cases.
 
+Three more fields describe other official pipelines (AnomalyCLIP's: ``interpolation="bicubic"``,
+``rgb_after_resize=True``, ``mask_interpolation="bilinear"``). ``interpolation``: the image filter
+(bilinear | bicubic; Pillow's with ``pil``, torchvision's antialiased one with ``tensor``).
+``rgb_after_resize`` (``pil`` only): the image is resized in its file's own mode (8-bit L, P, RGBA,
+...) and converted to RGB afterwards, as ``Resize`` then ``convert("RGB")`` does; for RGB and L
+images the order changes nothing, for palette images Pillow resizes the indices nearest-neighbour
+and for RGBA it resizes with premultiplied alpha, so the order matters there. ``mask_interpolation``:
+``nearest`` (the default, masks stay binary) or ``bilinear``: the 0/255 mask is resized bilinearly
+(Pillow with ``pil``) and binarised at > 0.5, as ``Resize`` + ``ToTensor`` + ``> 0.5`` does.
+
 Crop safety: ``PairTransform.apply`` also returns the fraction of the mask's pixels (counted at
 the resize resolution) that the centre crop keeps, so that every test run can count defects the
 crop cuts off (``iad_lightning.data.crop_check``). ``without_crop`` is the no-crop geometry
@@ -28,9 +38,12 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from iad_lightning.data.io import to_rgb8
 from iad_lightning.errors import ConfigError
 
 RESIZE_BACKENDS = ("pil", "tensor")
+INTERPOLATIONS = ("bilinear", "bicubic")
+MASK_INTERPOLATIONS = ("nearest", "bilinear")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,9 @@ class Preprocess:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     extra: tuple = field(default=(), compare=False)  # method-specific train augmentations (v2)
     resize_backend: str = "tensor"  # pil | tensor (module docstring); methods pass their official one
+    interpolation: str = "bilinear"  # bilinear | bicubic: the image filter
+    rgb_after_resize: bool = False  # pil only: resize the file's own mode, then convert to RGB
+    mask_interpolation: str = "nearest"  # nearest | bilinear (then binarised at > 0.5)
 
     def __post_init__(self) -> None:
         if self.resize_backend not in RESIZE_BACKENDS:
@@ -55,6 +71,14 @@ class Preprocess:
                 f"method.resize_backend='{self.resize_backend}' must be one of {RESIZE_BACKENDS} "
                 f"(pil: resize the 8-bit image as the official code does; tensor: resize the float tensor)"
             )
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"preprocess interpolation='{self.interpolation}' must be one of {INTERPOLATIONS}")
+        if self.mask_interpolation not in MASK_INTERPOLATIONS:
+            raise ConfigError(f"preprocess mask_interpolation='{self.mask_interpolation}' must be one of "
+                              f"{MASK_INTERPOLATIONS}")
+        if self.rgb_after_resize and self.resize_backend != "pil":
+            raise ConfigError("preprocess rgb_after_resize=True needs resize_backend='pil' (the float tensor "
+                              "path converts to RGB before it can resize)")
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -81,9 +105,14 @@ class PairTransform:
 
     def __init__(self, preprocess: Preprocess) -> None:
         size = preprocess.resize if isinstance(preprocess.resize, int) else list(preprocess.resize)
-        # On a PIL image v2.Resize calls Pillow's resize (BILINEAR), as torchvision's v1 Resize does;
-        # the mask (a tv_tensors.Mask) is always resized nearest-neighbour.
-        resize = v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        # On a PIL image v2.Resize calls Pillow's resize (BILINEAR or BICUBIC), as torchvision's v1
+        # Resize does; the mask (a tv_tensors.Mask) is resized nearest-neighbour here.
+        mode = v2.InterpolationMode(preprocess.interpolation)
+        resize = v2.Resize(size, interpolation=mode, antialias=True)
+        self.rgb_after_resize = preprocess.rgb_after_resize
+        self.mask_resize = None
+        if preprocess.mask_interpolation == "bilinear":  # the 0/255 mask resized on its own, then > 0.5
+            self.mask_resize = v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
         self.pil_resize = resize if preprocess.resize_backend == "pil" else None
         self.tensor_resize = None if self.pil_resize is not None else resize
         self.crop = v2.CenterCrop(preprocess.crop) if preprocess.crop is not None else None
@@ -96,13 +125,25 @@ class PairTransform:
 
     def apply(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(image, mask, kept): ``kept`` is the fraction of the mask's pixels at the resize
-        resolution that survive the centre crop (1.0 without a crop or without mask pixels)."""
+        resolution that survive the centre crop (1.0 without a crop or without mask pixels).
+        ``image``: a decoded 8-bit PIL image of any mode (``data.io.load_image_8bit``) or RGB."""
+        if not self.rgb_after_resize:
+            image = to_rgb8(image)
         msk = tv_tensors.Mask(torch.from_numpy(mask.astype(np.uint8))[None])
+        if self.mask_resize is not None:
+            msk = self._bilinear_mask(mask)
         if self.pil_resize is not None:
-            image, msk = self.pil_resize(image, msk)
+            if self.mask_resize is not None:
+                image = self.pil_resize(image)
+            else:
+                image, msk = self.pil_resize(image, msk)
+            image = to_rgb8(image)  # a no-op unless rgb_after_resize
         img = tv_tensors.Image(v2.functional.pil_to_tensor(image).to(torch.float32).div_(255))  # = ToTensor
         if self.tensor_resize is not None:
-            img, msk = self.tensor_resize(img, msk)
+            if self.mask_resize is not None:
+                img = self.tensor_resize(img)
+            else:
+                img, msk = self.tensor_resize(img, msk)
         kept = 1.0
         if self.crop is not None:
             total = int(msk.sum())
@@ -112,3 +153,13 @@ class PairTransform:
         if self.extra is not None:
             img, msk = self.extra(img, msk)
         return self.normalize(img).as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).float(), kept
+
+    def _bilinear_mask(self, mask: np.ndarray) -> tv_tensors.Mask:
+        """The mask as a 0/255 8-bit image, resized bilinearly (Pillow with ``pil``, torchvision's
+        antialiased filter with ``tensor``), binarised at > 0.5 of 255."""
+        m8 = mask.astype(np.uint8) * 255
+        if self.pil_resize is not None:
+            out = torch.from_numpy(np.asarray(self.mask_resize(Image.fromarray(m8))) > 127.5)
+        else:
+            out = self.mask_resize(torch.from_numpy(m8)[None].float())[0] > 127.5
+        return tv_tensors.Mask(out.to(torch.uint8)[None])

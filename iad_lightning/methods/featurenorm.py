@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from iad_lightning.data.transforms import Preprocess
-from iad_lightning.methods._projector import build_extractor, set_kshot_bank
+from iad_lightning.methods._projector import build_extractor, set_reference_bank
 from iad_lightning.methods.base import AnomalyModule
 from iad_lightning.models.adpretrain import FeatureNormInference, ResidualProjectorExtractor, feature_norm
 
@@ -29,7 +29,7 @@ class FeatureNorm(AnomalyModule):
     """Projected-residual norm as the score; defaults in ``conf/method/featurenorm.yaml``."""
 
     def __init__(self, backbone: dict[str, Any], projector: str | None = None, shots: int = 8, image_size: int = 224,
-                 blur_sigma: float = 4.0, seed: int = 0) -> None:
+                 blur_sigma: float = 4.0, seed: int = 0, reference_set: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.feature_extractor, self.bank_size = build_extractor(backbone, projector, (0, 1, 2, 3))
@@ -44,9 +44,11 @@ class FeatureNorm(AnomalyModule):
         return None
 
     def on_train_start(self) -> None:
-        n = set_kshot_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
-                           self.hparams.shots, self.hparams.seed, self.bank_size, self.device)
-        self.print(f"FeatureNorm: reference bank from {n} train good images")
+        n = set_reference_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
+                               self.hparams.shots, self.hparams.seed, self.bank_size, self.device, self.preprocess,
+                               self.hparams.reference_set)
+        source = self.hparams.reference_set or "train good images"
+        self.print(f"FeatureNorm: reference banks from {n} images ({source})")
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self.trainer.should_stop = True  # nothing to learn: the bank is the whole fit
@@ -70,8 +72,8 @@ def evaluate_featurenorm(backbone, projector, datamodule, shots: int, seed: int,
     extractor = ResidualProjectorExtractor(backbone, projector, (0, 1, 2, 3)).to(device)
     per_cat = {}
     for cat in datamodule.categories:
-        set_kshot_bank(extractor, [r for r in splits["train"] if r.category == cat], shots, seed,
-                       datamodule.preprocess.crop, device)
+        set_reference_bank(extractor, [r for r in splits["train"] if r.category == cat], shots, seed,
+                           datamodule.preprocess.crop, device, datamodule.preprocess)
         scores, labels, maps, masks = [], [], [], []
         data = datamodule.dataset("test")
         for i, rec in enumerate(data.records):

@@ -26,7 +26,7 @@ class PaDiM(AnomalyModule):
 
     def __init__(self, backbone: dict[str, Any], n_features: int = 550, resize: int = 256, crop: int = 224,
                  eps: float = 0.01, blur_sigma: float = 4.0, subset_seed: int = 1024, projector: str | None = None,
-                 projector_shots: int = 8, seed: int = 0) -> None:
+                 projector_shots: int = 8, reference_set: str | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         if projector is None:
@@ -59,16 +59,18 @@ class PaDiM(AnomalyModule):
 
     def on_train_start(self) -> None:
         if self.hparams.projector is not None:
-            from iad_lightning.methods._projector import set_kshot_bank
+            from iad_lightning.methods._projector import set_reference_bank
 
-            set_kshot_bank(self.features.extractor, self.trainer.datamodule.index_records()["train"],
-                           self.hparams.projector_shots, self.hparams.seed, self._bank_image_size, self.device)
+            set_reference_bank(self.features.extractor, self.trainer.datamodule.index_records()["train"],
+                               self.hparams.projector_shots, self.hparams.seed, self._bank_image_size, self.device,
+                               self.preprocess, self.hparams.reference_set)
 
     def on_train_epoch_start(self) -> None:
         self._train = []
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        self._train.append([f.cpu() for f in self.features(batch["image"])])
+        with self.category_scope(batch):  # ADPretrain: each image against its class's bank
+            self._train.append([f.cpu() for f in self.features(batch["image"])])
 
     def on_train_epoch_end(self) -> None:
         groups = [torch.cat([b[g] for b in self._train]) for g in range(self.model.groups)]
