@@ -9,13 +9,18 @@ authors' choice, ``test`` for MVTec-layout sets). Per batch: ``num_shot`` is dra
 (and, on Real-IAD, its camera view C1..C5) drawn with replacement from the datamodule's *train
 good* images; two colour-augmented views (MoCo transform, no geometry, one shared mask) go through
 the frozen backbone, residuals against the bank, the projector and the summed angle + norm loss.
-Batches without an abnormal pixel are skipped. Adam lr 1e-4 wd 5e-4, x0.1 at epochs 7 and 9.
+A batch without an abnormal image (label) is skipped, as in the authors' code. Adam lr 1e-4 wd 5e-4,
+x0.1 at epochs 7 and 9. Centres: fp32 residuals of un-augmented normal images against 4-shot banks
+drawn with replacement (an image may be drawn into its own bank, as the authors' code allows).
 
 The run writes ``projector.pt`` (weights, backbone name, levels, image size, centres; loadable with
 ``weights_only``) for ``method.projector=PATH`` of PatchCore / PaDiM / FeatureNorm.
 
-Deviations (documented, spec section 6): images are resized bilinearly (the shared ``Preprocess``),
-the authors use bicubic; the last partial batch is kept (the authors drop it); the views are
+Images: the authors' Pillow bicubic Resize(224) + CenterCrop(224) (``resize_backend=pil``).
+``param_dtype=bf16`` casts the projector to bf16 before Adam as the authors do; the default keeps
+fp32 weights under bf16 autocast.
+
+Deviations (documented, spec section 6): the last partial batch is kept (the authors drop it); the views are
 normalised with the backbone's own statistics (the authors' MoCoTransform always uses CLIP's, a quirk
 reproduced by ``clip_normalised_views=true``); MVTec test-set model selection (``selection``) is off.
 """

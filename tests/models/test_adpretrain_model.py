@@ -281,3 +281,35 @@ def test_attention_is_fused_and_equals_nn_multihead_attention_with_gradients():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_param_dtype_bf16_casts_the_projector_as_the_authors_and_trains():
+    import functools
+
+    from iad_lightning.methods.adpretrain import ADPretrain
+    from iad_lightning.models.adpretrain import ADPretrainModel
+
+    lite0 = {"name": "lite0", "weights": "lite0"}
+    part = functools.partial(ADPretrainModel, num_ref_tokens=8)
+    assert all(p.dtype == torch.float32 for p in ADPretrain(lite0, part).model.projector.parameters())
+    with pytest.raises(ConfigError, match="param_dtype='fp16'"):
+        ADPretrain(lite0, part, param_dtype="fp16")
+    method = ADPretrain(lite0, part, param_dtype="bf16")
+    model = method.model
+    assert all(p.dtype == torch.bfloat16 for p in model.projector.parameters())
+    assert model.center_l1.dtype == torch.float32  # centres stay fp32
+    torch.manual_seed(0)
+    views = torch.randn(2, 3, 28, 28), torch.randn(2, 3, 28, 28)
+    banks = [f.permute(0, 2, 3, 1).reshape(1, -1, f.shape[1]).expand(2, -1, -1)
+             for f in model.backbone(torch.randn(1, 3, 28, 28))]
+    mask = torch.zeros(2, 1, 28, 28)
+    mask[0, :, :14, :14] = 1
+    loss, _ = model.loss(*views, mask, banks)
+    loss.backward()
+    assert torch.isfinite(loss) and model.projector.l1_proj.x_ref.grad.dtype == torch.bfloat16
+    opt = method.configure_optimizers()["optimizer"]
+    opt.step()  # Adam on bf16 parameters, as the authors'
+    # the authors' skip rule: a batch without an abnormal *label* is skipped, whatever its masks say
+    skipped = method.skipped_batches
+    assert method.training_step({"mask": torch.ones(2, 1, 28, 28), "label": torch.tensor([0, 0])}, 0) is None
+    assert method.skipped_batches == skipped + 1
