@@ -686,11 +686,13 @@ class ResidualProjectorExtractor(nn.Module):
             raise RuntimeError("ResidualProjectorExtractor: the reference bank is empty; call set_bank(images) "
                                "with k-shot normal images (the method does it in setup) before predicting")
         categories = self._categories if categories is None else list(categories)
-        if categories is not None and len(categories) != len(images):
+        if categories is None:  # no names (exported graphs, predict): the banks of all classes, no Python loop
+            return self.projector(residual_features(feats, banks), self.levels)
+        if len(categories) != len(images):
             raise ValueError(f"{len(categories)} category names for a batch of {len(images)} images")
         groups: dict[tuple[int, int] | None, list[int]] = {}
-        for i in range(len(images)):
-            groups.setdefault(self._bank_rows(categories[i] if categories is not None else None), []).append(i)
+        for i, cat in enumerate(categories):
+            groups.setdefault(self._bank_rows(cat), []).append(i)
         if len(groups) == 1:
             rows = next(iter(groups))
             res = residual_features(feats, banks if rows is None else [b[rows[0]:rows[1]] for b in banks])
