@@ -169,7 +169,8 @@ def step_bench(backbone: str, batch: int, size: int, steps: int, device: str, sh
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast:
-            feats = [torch.cat(part) for part in zip(*(model.backbone(refs[s:s + 32]) for s in range(0, len(refs), 32)))]
+            chunks = [model.backbone(refs[s:s + 32]) for s in range(0, len(refs), 32)]
+            feats = [torch.cat(part) for part in zip(*chunks)]
             banks = [bank_tokens([f.float()])[0].view(batch, -1, f.shape[1]) for f in feats]
             loss, _ = model.loss(images, images.flip(-1), mask, banks)
         opt.zero_grad(set_to_none=True)
