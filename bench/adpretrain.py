@@ -205,7 +205,7 @@ def run_step_benches(args) -> None:
     for bb in args.backbones.split(","):
         dev = "cpu" if bb == "lite0" and args.device is None else device
         cmd = [sys.executable, __file__, "--step-one", bb, "--device", dev, "--batch", str(args.batch),
-               "--image-size", str(args.image_size if args.image_size != 128 else 224), "--steps", str(args.steps),
+               "--image-size", str(args.image_size), "--steps", str(args.steps),
                "--shots", str(args.shots)] + (["--bf16"] if args.bf16 or dev == "cuda" else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
@@ -232,8 +232,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=8, help="step bench: reference images per image (max of 1/4/8)")
     parser.add_argument("--bf16", action="store_true", help="step bench: bf16 autocast (the authors' setting on GPU)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=None, help="default 128 (step bench: 224)")
+    parser.add_argument("--batch", type=int, default=None, help="default 8 (step bench: the authors' 32)")
     parser.add_argument("--ref-tokens", type=int, default=2048)
     parser.add_argument("--max-batches", type=int, default=None, help="pretraining batches per epoch (default all)")
     parser.add_argument("--center-images", type=int, default=None, help="normal images for the centres (default all)")
@@ -242,13 +242,14 @@ def main() -> None:
     parser.add_argument("--projector", type=str, default=None, help="skip pretraining, use this file")
     parser.add_argument("--methods", type=str, default="patchcore,padim,featurenorm")
     args = parser.parse_args()
+    step_mode = args.step or args.step_one
+    args.batch = args.batch or (32 if step_mode else 8)
+    args.image_size = args.image_size or (224 if step_mode else 128)
     if args.step_one:
         print(json.dumps(step_bench(args.step_one, args.batch, args.image_size, args.steps, args.device or "cpu",
                                     args.shots, args.bf16)))
         return
     if args.step:
-        if args.batch == 8:  # the downstream bench's default; the step bench's is the authors' 32
-            args.batch = 32
         run_step_benches(args)
         return
     if not (args.data_root / "mvtec_screw").is_dir() or not (args.data_root / "kolektorsdd_commutator").is_dir():
