@@ -149,7 +149,8 @@ class UniAD(AnomalyModule):
         keys = [int(i) for i in batch["index"]]
         missing = [j for j, k in enumerate(keys) if k not in self._cache]
         if missing:
-            with self.category_scope({"category": [batch["category"][j] for j in missing]}):
+            cats = batch.get("category")
+            with self.category_scope({"category": None if cats is None else [cats[j] for j in missing]}):
                 fresh = self.aligned_features(batch["image"][missing])
             store = torch.device("cpu") if self.hparams.cache_device == "cpu" else fresh.device
             for j, feat in zip(missing, fresh.to(store)):
