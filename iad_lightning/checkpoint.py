@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 from hydra.utils import instantiate
 
 from iad_lightning.calibration import CALIBRATION_KEY  # calibration details; the thresholds are buffers
+from iad_lightning.data.geometry import PREPROCESS_KEY, describe_preprocess
+from iad_lightning.data.transforms import without_crop
 from iad_lightning.errors import ConfigError
 
 CONFIG_KEY = "iad_method_config"
@@ -49,4 +52,32 @@ def load_method(ckpt_path: str | Path) -> torch.nn.Module:
     model.method_config = ckpt[CONFIG_KEY]
     model.load_state_dict(ckpt["state_dict"])  # thresholds included (NaN in older checkpoints)
     model.on_load_checkpoint(ckpt)  # Lightning's hook: a method restores its non-tensor state (calibration info)
+    if PREPROCESS_KEY not in ckpt and hasattr(model, "fitted_preprocess"):
+        model.fitted_preprocess = legacy_preprocess(model, path)
     return model
+
+
+def legacy_preprocess(model: torch.nn.Module, path: Path) -> Any:
+    """The fitted preprocessing of a checkpoint written before models stored it: the method's own,
+    without its crop when the run's saved Hydra config (``<run>/.hydra/config.yaml`` beside
+    ``checkpoints/``) says ``data.center_crop: false``. Warns with what it assumed."""
+    from omegaconf import OmegaConf
+
+    pre, cfg_file = model.preprocess, path.parent.parent / ".hydra" / "config.yaml"
+    center_crop, source = True, None
+    if cfg_file.is_file():
+        try:
+            center_crop = bool(OmegaConf.select(OmegaConf.load(cfg_file), "data.center_crop", default=True))
+            source = str(cfg_file)
+        except Exception as err:  # an unreadable or unresolvable config: say so, keep the method's
+            source = None
+            warnings.warn(f"could not read data.center_crop from {cfg_file} ({type(err).__name__}: {err})",
+                          stacklevel=3)
+    if not center_crop:
+        pre = without_crop(pre)
+    how = (f"data.center_crop={str(center_crop).lower()} from {source}" if source else
+           "no .hydra/config.yaml beside checkpoints/ says otherwise; if it was fitted with "
+           "data.center_crop=false, put its run's .hydra/config.yaml there")
+    warnings.warn(f"'{path}' stores no preprocessing (written before models carried it): using "
+                  f"the method's ({describe_preprocess(pre)}; {how})", stacklevel=3)
+    return pre

@@ -10,19 +10,21 @@ Options (``key=value``, Hydra-style):
     output          file to write (default: next to the checkpoint, ``<stem>.onnx`` / ``<stem>.pt``)
     batch_size      batch of the example input (default 1)
     dynamic_batch   true: the batch dimension is free (default false: fixed ``batch_size``)
-    image_size      H,W of the input (default: the method's ``preprocess.output_size``)
+    image_size      H,W of the input (default: the output size of the preprocessing the model was fitted with)
     opset           ONNX opset (default 17)
     exporter        ONNX exporter: legacy (TorchScript-based, needs only ``onnx``) | dynamo
                     (``torch.export``-based, also needs ``onnxscript``); default legacy
     rtol, atol      tolerance of the check against eager: atol + rtol * max|eager| (defaults 1e-4, 0)
 
-The graph is ``images (B, 3, H, W), normalised as the method's preprocess says -> (anomaly_map
+The graph is ``images (B, 3, H, W), preprocessed as the model was fitted -> (anomaly_map
 (B, 1, H, W), pred_score (B,), image_threshold (B,), pixel_threshold (B,))``; input name ``image``,
 output names ``anomaly_map``, ``pred_score``, ``image_threshold`` and ``pixel_threshold`` (the
 calibrated thresholds of ``iad_lightning.calibration``, repeated per image; NaN if the checkpoint
 was not calibrated): an image is anomalous iff ``pred_score > image_threshold``, its defect region
 is ``anomaly_map > pixel_threshold``. Resizing and mean/std normalisation of raw images stay
-outside the graph (the method's ``preprocess``), as in training; the ONNX file stores them, the
+outside the graph, as in training: the preprocessing the model was fitted with (every field of
+``Preprocess``: resize, crop or none, resize backend, mean/std; ``data.center_crop=false`` shows as
+``"crop": null``), read from the checkpoint (``data/geometry.py``). The ONNX file stores it, the
 thresholds and the widths of the normalised score in its ``metadata_props`` (``iad_preprocess``,
 ``iad_thresholds``, JSON), so that ``python predict.py ckpt_path=model.onnx`` needs no checkpoint
 (TorchScript: the same JSON as the extra file ``iad_metadata.json``). After writing, the file is loaded again and run on a
@@ -44,12 +46,13 @@ import torch
 from torch import Tensor, nn
 
 from iad_lightning.checkpoint import load_method
+from iad_lightning.data.geometry import PREPROCESS_KEY, preprocess_to_dict
 from iad_lightning.errors import ConfigError, IADError
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "pred_score", "image_threshold", "pixel_threshold")
-METADATA_KEYS = ("iad_method", "iad_preprocess", "iad_thresholds")
+METADATA_KEYS = ("iad_method", PREPROCESS_KEY, "iad_thresholds")
 _KEYS = ("ckpt_path", "format", "output", "batch_size", "dynamic_batch", "image_size", "opset", "exporter",
          "rtol", "atol")
 
@@ -170,18 +173,12 @@ def inference_graph(method: Any) -> nn.Module:
 
 
 def export_metadata(method: Any) -> dict[str, str]:
-    """JSON strings that a deployment needs besides the graph: the preprocessing and thresholds."""
-    pre = method.preprocess
-
-    def plain(v: Any) -> Any:
-        return list(v) if isinstance(v, (tuple, list)) else v
-
-    preprocess = {"resize": plain(pre.resize), "crop": plain(pre.crop), "mean": [float(m) for m in pre.mean],
-                  "std": [float(s) for s in pre.std], "resize_backend": pre.resize_backend}
+    """JSON strings that a deployment needs besides the graph: the preprocessing the model was
+    fitted with (``data/geometry.py``) and the thresholds."""
     names = ("image_threshold", "image_scale", "pixel_threshold", "pixel_scale")
     thresholds = {k: float(getattr(method, k, float("nan"))) for k in names}
     thresholds = {k: (v if v == v else None) for k, v in thresholds.items()}  # NaN -> null (valid JSON)
-    return {"iad_method": type(method).__name__, "iad_preprocess": json.dumps(preprocess),
+    return {"iad_method": type(method).__name__, PREPROCESS_KEY: json.dumps(preprocess_to_dict(method.input_preprocess)),
             "iad_thresholds": json.dumps(thresholds)}
 
 
@@ -199,10 +196,10 @@ def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
 def input_size(method: Any, cfg: ExportConfig) -> tuple[int, int]:
     if cfg.image_size is not None:
         return cfg.image_size
-    size = method.preprocess.output_size
+    size = method.input_preprocess.output_size
     if size is None:
         raise ConfigError(
-            f"{type(method).__name__}'s preprocess has no fixed output size (it keeps the aspect ratio); "
+            f"{type(method).__name__}'s preprocessing has no fixed output size (it keeps the aspect ratio); "
             "give image_size=H,W"
         )
     return int(size[0]), int(size[1])

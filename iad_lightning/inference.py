@@ -7,10 +7,12 @@
 
 Images may be file paths, PIL images or numpy arrays (HxW, HxWx1, HxWx3, HxWx4; uint8, uint16 or
 float in [0, 1]); every one becomes 8-bit RGB by the rules of training (``data/io.py``) and goes
-through the method's own ``preprocess`` (resize, centre crop, mean/std).
+through the preprocessing the model was FITTED with (resize, centre crop or none, resize backend,
+mean/std; data-level overrides such as ``data.center_crop=false`` included), read from the
+checkpoint or the exported file's metadata (``data/geometry.py``), the same that ``test.py`` uses.
 
-Maps are at the METHOD INPUT RESOLUTION (after resize and centre crop: PatchCore's 224 crop,
-EfficientAD's 256 x 256), the geometry the metrics use; they are not resized back to the original
+Maps are at the MODEL INPUT RESOLUTION (after resize and any centre crop: PatchCore's 224 crop,
+a ``data=folder`` model's 256 x 256), the geometry the metrics use; they are not resized back to the original
 image, because a centre crop discards the borders (no map exists there). ``out.views`` holds the
 input as the method saw it (uint8 RGB at that resolution), on which ``predict.py`` draws overlays.
 
@@ -32,6 +34,7 @@ import torch
 from PIL import Image
 
 from iad_lightning.calibration import normalize
+from iad_lightning.data.geometry import PREPROCESS_KEY, preprocess_from_dict
 from iad_lightning.data.io import array_to_rgb8, load_image, load_image_8bit, to_8bit, to_rgb8
 from iad_lightning.data.transforms import PairTransform, Preprocess
 from iad_lightning.errors import ConfigError
@@ -105,12 +108,7 @@ class _OnnxBackend:
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), providers=providers)
         meta = self.session.get_modelmeta().custom_metadata_map
-        if "iad_preprocess" not in meta:
-            raise ConfigError(f"'{path}' has no iad_preprocess metadata; export it with python -m iad_lightning.export")
-        self.preprocess = json.loads(meta["iad_preprocess"])
-        self.thresholds = {k: (math.nan if v is None else float(v))
-                           for k, v in json.loads(meta.get("iad_thresholds", "{}")).items()}
-        self.method_name = meta.get("iad_method", "ONNX")
+        self.preprocess, self.thresholds, self.method_name = _read_metadata(meta, path)
         shape = self.session.get_inputs()[0].shape
         self.batch = shape[0] if isinstance(shape[0], int) else None  # None: dynamic batch
         self.size = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
@@ -132,6 +130,37 @@ class _OnnxBackend:
             maps.append(amap[:n, 0])
             scores.append(score[:n])
         return np.concatenate(maps), np.concatenate(scores)
+
+
+class _TorchScriptBackend:
+    """A ``python -m iad_lightning.export format=torchscript`` file, metadata from its extra file."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        import warnings
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        extra = {"iad_metadata.json": ""}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is deprecated.*")
+            self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra)
+        if not extra["iad_metadata.json"]:
+            raise ConfigError(f"'{path}' has no iad_metadata.json; export it with python -m iad_lightning.export")
+        self.preprocess, self.thresholds, self.method_name = _read_metadata(json.loads(extra["iad_metadata.json"]), path)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        amap, score = self.module(images.to(self.device))[:2]
+        return amap[:, 0].float().cpu().numpy(), score.float().cpu().numpy()
+
+
+def _read_metadata(meta: dict[str, str], path: Path) -> tuple[Preprocess, dict[str, float], str]:
+    """(preprocess, thresholds, method name) from an exported file's metadata (``export_metadata``)."""
+    if PREPROCESS_KEY not in meta:
+        raise ConfigError(f"'{path}' has no {PREPROCESS_KEY} metadata; export it with python -m iad_lightning.export")
+    preprocess = preprocess_from_dict(json.loads(meta[PREPROCESS_KEY]), f"'{path}'")
+    thresholds = {k: (math.nan if v is None else float(v)) for k, v in json.loads(meta.get("iad_thresholds", "{}")).items()}
+    return preprocess, thresholds, meta.get("iad_method", "exported model")
 
 
 class Predictor:
@@ -224,26 +253,20 @@ class Predictor:
 
 def load(path: str | Path, device: str = "auto") -> Predictor:
     """A ``Predictor`` from a training checkpoint (``.ckpt``: rebuilt safely with
-    ``checkpoint.load_method``, nothing downloaded) or an exported ONNX file (``.onnx``:
-    onnxruntime only, preprocessing and thresholds from its metadata). ``device``: auto | cpu |
-    cuda | cuda:N."""
+    ``checkpoint.load_method``, nothing downloaded), an exported ONNX file (``.onnx``: onnxruntime
+    only) or TorchScript file (``.pt``); preprocessing and thresholds come from the checkpoint or
+    the file's metadata. ``device``: auto | cpu | cuda | cuda:N."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"ckpt_path='{p}' does not exist; pass a training run's checkpoints/last.ckpt "
                           "or an exported .onnx file")
-    if p.suffix.lower() == ".onnx":
-        backend = _OnnxBackend(p, device)
-        pre = backend.preprocess
-        preprocess = Preprocess(resize=_geometry(pre["resize"]), crop=_geometry(pre["crop"]),
-                                mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-                                resize_backend=pre.get("resize_backend", "tensor"))  # files before the key: tensor
-        return Predictor(backend, preprocess, backend.thresholds, f"{backend.method_name} (ONNX {p.name})")
+    exported = {".onnx": (_OnnxBackend, "ONNX"), ".pt": (_TorchScriptBackend, "TorchScript")}
+    if p.suffix.lower() in exported:  # files before resize_backend was stored: the default, tensor
+        kind, what = exported[p.suffix.lower()]
+        backend = kind(p, device)
+        return Predictor(backend, backend.preprocess, backend.thresholds, f"{backend.method_name} ({what} {p.name})")
     from iad_lightning.calibration import thresholds_of
     from iad_lightning.checkpoint import load_method
 
     method = load_method(p)
-    return Predictor(_TorchBackend(method, device), method.preprocess, thresholds_of(method), type(method).__name__)
-
-
-def _geometry(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    return Predictor(_TorchBackend(method, device), method.input_preprocess, thresholds_of(method), type(method).__name__)

@@ -33,6 +33,7 @@ from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 from iad_lightning.colors import jet
+from iad_lightning.data.geometry import describe_preprocess
 from iad_lightning.data.io import load_image_8bit
 from iad_lightning.errors import ConfigError, DatasetError
 from iad_lightning.inference import Predictor, load
@@ -137,6 +138,7 @@ def predict(cfg: Any) -> dict[str, Any]:
         csv_path.unlink()  # a fresh run in an existing folder starts a fresh table
 
     predictor = load(cfg.ckpt_path, str(cfg.get("device", "auto")))
+    print(f"{predictor.name}: preprocessing stored with the model: {describe_preprocess(predictor.preprocess)}")
     if not predictor.calibrated:
         log.warning("the model carries no calibrated thresholds: decisions are 'unknown' (retrain with "
                     "threshold.holdout_fraction > 0)")

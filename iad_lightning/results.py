@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -73,7 +75,8 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> None:
     """Write results.json and results.md into ``out_dir``: ``categories`` / ``mean`` (the
     threshold-free metrics, exact shape) and, when present, ``trained_on`` (what a method fitted on
     other data was trained on, e.g. zero-shot AnomalyCLIP), ``crop_check`` (defects cut by the
-    centre crop) and ``calibrated`` (thresholds and the metrics at them, ``iad_lightning.calibration``)."""
+    centre crop), ``preprocess`` (the geometry the test images were served with, data/geometry.py)
+    and ``calibrated`` (thresholds and the metrics at them, ``iad_lightning.calibration``)."""
     out = Path(out_dir)
     clean = {
         "categories": {c: {k: m.get(k) for k in METRIC_KEYS} for c, m in results["categories"].items()},
@@ -83,9 +86,26 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> None:
         clean["trained_on"] = results["trained_on"]
     if results.get("crop_check") is not None:  # defects cut by the centre crop (data/crop_check.py)
         clean["crop_check"] = results["crop_check"]
+    if results.get("preprocess") is not None:  # the model's preprocessing the test was served with
+        clean["preprocess"] = results["preprocess"]
     md = markdown_table(clean)
     if results.get("calibrated"):
         clean["calibrated"] = results["calibrated"]
         md += "\nAt the calibrated thresholds (held-out normal images):\n\n" + calibrated_table(results)
     atomic_write(out / "results.json", json.dumps(clean, indent=2) + "\n")
     atomic_write(out / "results.md", md)
+
+
+IMAGE_SCORES_NAME = "scores.csv"
+
+
+def write_image_scores(rows: list[dict[str, Any]], out_dir: str | Path) -> None:
+    """``scores.csv``: one row per test image (path, category, label, score), in test order; the
+    scores ``predict.py`` gives the same files (one preprocessing, read from the model)."""
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("path", "category", "label", "score"))
+    writer.writerows((r["path"], r["category"], r["label"], f"{r['score']:.9g}") for r in rows)
+    atomic_write(Path(out_dir) / IMAGE_SCORES_NAME, buf.getvalue())

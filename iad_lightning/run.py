@@ -15,8 +15,9 @@ from iad_lightning.calibration import apply_holdout
 from iad_lightning.callbacks.calibration import ThresholdCalibration
 from iad_lightning.callbacks.checkpoint import RNGState
 from iad_lightning.checkpoint import load_method
+from iad_lightning.data.geometry import preprocess_to_dict, serve_fitted_geometry
 from iad_lightning.errors import ConfigError
-from iad_lightning.results import calibrated_table, markdown_table, write_results
+from iad_lightning.results import calibrated_table, markdown_table, write_image_scores, write_results
 from iad_lightning.strategies import resolve_strategy
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,12 @@ def _finish(trainer: L.Trainer, model: L.LightningModule, out_dir: str) -> dict[
     results = model.results
     if getattr(model, "trained_on", None):  # fitted on other data than it is tested on (zero-shot)
         results = {**results, "trained_on": model.trained_on}
+    served = getattr(trainer.datamodule, "input_preprocess", None)
+    if served is not None:  # the geometry the test images were served with
+        results = {**results, "preprocess": preprocess_to_dict(served)}
     if trainer.is_global_zero:
         write_results(results, out_dir)
+        write_image_scores(getattr(model, "image_scores", []), out_dir)
         table = markdown_table(results)
         if results.get("calibrated"):
             table += "\nAt the calibrated thresholds (held-out normal images):\n" + calibrated_table(results)
@@ -101,10 +106,18 @@ def _eval_datamodule(cfg: DictConfig, model: L.LightningModule, world_size: int)
     loudly when it is the dataset the method was fitted on (the numbers are then not zero-shot)."""
     sizes = {k: cfg.data[k] for k in ("batch_size", "eval_batch_size") if k in cfg.data and k not in cfg.eval_data}
     datamodule = instantiate(cfg.eval_data, **sizes)
-    datamodule.preprocess = model.preprocess
+    _use_model_geometry(datamodule, model)
     model.configure_data(datamodule, world_size)
     _warn_if_fitted_on(_data_description(cfg.data), _data_description(cfg.eval_data))
     return datamodule
+
+
+def _use_model_geometry(datamodule: L.LightningDataModule, model: L.LightningModule, source: str = "model") -> None:
+    """Serve a fitted model its own preprocessing (``data/geometry.py``); one line when the data
+    config would have given another."""
+    notice = serve_fitted_geometry(datamodule, model, source)
+    if notice:
+        log.warning(notice)
 
 
 def _warn_if_fitted_on(fit: dict[str, Any] | None, ev: dict[str, Any]) -> None:
@@ -139,6 +152,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     if eval_data:
         datamodule = _eval_datamodule(cfg, model, trainer.world_size)
+    else:  # the fit's own geometry: the same, now read from the model
+        _use_model_geometry(datamodule, model)
     trainer.test(model, datamodule=datamodule, verbose=False)
     return _finish(trainer, model, cfg.paths.output_dir)
 
@@ -149,5 +164,6 @@ def test(cfg: DictConfig) -> dict[str, Any]:
     model = load_method(cfg.ckpt_path)
     _warn_if_fitted_on((getattr(model, "trained_on", None) or {}).get("data"), _data_description(cfg.data))
     datamodule, trainer = _build(cfg, model)
+    _use_model_geometry(datamodule, model, str(cfg.get("geometry", "model")))
     trainer.test(model, datamodule=datamodule, verbose=False)
     return _finish(trainer, model, cfg.paths.output_dir)

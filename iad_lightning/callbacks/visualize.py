@@ -45,8 +45,8 @@ class AnomalyMapVisualizer(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.is_global_zero or self.n_images <= 0:
             return
-        mean = np.asarray(pl_module.preprocess.mean)[:, None, None]
-        std = np.asarray(pl_module.preprocess.std)[:, None, None]
+        mean = np.asarray(pl_module.input_preprocess.mean)[:, None, None]
+        std = np.asarray(pl_module.input_preprocess.std)[:, None, None]
         for i in range(len(batch["label"])):
             cat, label = batch["category"][i], int(batch["label"][i])
             if not self._wants(cat, label):

@@ -73,7 +73,9 @@ class AnomalyDataModule(L.LightningDataModule):
         resized to a square of the method's resize size), e.g. for users' own images whose
         defects touch the border (``data=folder``'s default). Test runs count the defects a crop
         cuts (``results.json`` ``crop_check``).
-    The method sets ``preprocess`` before the loaders are built.
+    The method sets ``preprocess`` before the loaders are built. A fitted model under test sets
+    ``fitted_preprocess`` too (``data.geometry.serve_fitted_geometry``): every split is then served
+    exactly the geometry the model was fitted with, and ``center_crop`` no longer applies.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.fit_split = fit_split
         self.center_crop = bool(center_crop)
         self.preprocess: Preprocess | None = None
+        self.fitted_preprocess: Preprocess | None = None
         self._splits: dict[str, list[Record]] | None = None
         self.categories: list[str] = []
         self._train_sampler: EpochSeededSampler | None = None
@@ -150,12 +153,24 @@ class AnomalyDataModule(L.LightningDataModule):
         splits = self.index_records()
         return [r for name in FIT_SPLITS[self.fit_split] for r in splits[name]]
 
+    @property
+    def input_preprocess(self) -> Preprocess | None:
+        """The preprocessing every split is served with: a fitted model's own
+        (``fitted_preprocess``), else the method's ``preprocess`` with this config's ``center_crop``
+        (what a fit is served, and what the model then stores); None while neither is set."""
+        if self.fitted_preprocess is not None:
+            return self.fitted_preprocess
+        if self.preprocess is None:
+            return None
+        return self.preprocess if self.center_crop else without_crop(self.preprocess)
+
     def dataset(self, split: str) -> AnomalyDataset:
         """The dataset of an index split (``train``, ``val``, ``test``) or of ``fit`` (``fit_split``)."""
-        if self.preprocess is None:
+        preprocess = self.input_preprocess
+        if preprocess is None:
             raise ConfigError("datamodule.preprocess is unset: the method must set it before loading")
         records = self.fit_records() if split == "fit" else self.index_records()[split]
-        return AnomalyDataset(records, self.preprocess if self.center_crop else without_crop(self.preprocess))
+        return AnomalyDataset(records, preprocess)
 
     def category_ends(self, split: str = "test") -> dict[str, int]:
         """Per category, one past the index of its last image in ``dataset(split)``: the

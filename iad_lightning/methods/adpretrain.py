@@ -209,6 +209,7 @@ class ADPretrain(AnomalyModule):
         self.print(f"ADPretrain: centres from {len(data)} normal images")
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()  # records the fit's preprocessing
         self._compute_centers()
         self.skipped_batches = self.images_seen = 0
 

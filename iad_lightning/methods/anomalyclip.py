@@ -129,6 +129,7 @@ class AnomalyCLIP(AnomalyModule):
         checkpoint[TRAINED_ON_KEY] = self._trained_on_now()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # calibration details, the fitted preprocessing
         self.trained_on, self._text = checkpoint.get(TRAINED_ON_KEY), None
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:

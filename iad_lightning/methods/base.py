@@ -11,6 +11,11 @@ largest category (``category_buffer``). No method computes its own metrics.
 Every method also carries the decision thresholds calibrated after fitting on held-out normal
 images (``iad_lightning.calibration``): buffers ``image_threshold``, ``pixel_threshold`` and the
 widths of the normalised score, NaN until calibrated.
+
+And it carries the preprocessing it was fitted with (``fitted_preprocess``: the datamodule's,
+data-level overrides such as ``data.center_crop=false`` included), recorded when fitting starts,
+stored in the checkpoint (``data/geometry.py``). ``input_preprocess`` is what test, predict and
+export use.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ import torch.nn.functional as F
 from iad_lightning.calibration import CALIBRATION_KEY, THRESHOLD_BUFFERS, calibrated_category, calibrated_results
 from iad_lightning.checkpoint import CONFIG_KEY
 from iad_lightning.data.crop_check import crop_check, warn_if_cropped
+from iad_lightning.data.geometry import (
+    PREPROCESS_KEY,
+    describe_preprocess,
+    preprocess_from_dict,
+    preprocess_to_dict,
+    same_geometry,
+)
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.errors import ConfigError
 from iad_lightning.methods.category_buffer import CategoryBuffer, category_order
@@ -47,6 +59,8 @@ class AnomalyModule(L.LightningModule):
         self._test_reduced: dict[str, dict[str, Any]] = {}  # per category: what _reduce_category kept
         self.curves: dict[str, dict[str, Any]] = {}  # per category: the curve points of the metrics (plots)
         self.calibration_info: dict[str, Any] | None = None
+        self.fitted_preprocess: Preprocess | None = None  # set at fit start or from the checkpoint
+        self.image_scores: list[dict[str, Any]] = []  # per test image: path, category, label, score
         for name in THRESHOLD_BUFFERS:  # NaN = not calibrated; set by calibration.ThresholdCalibration
             self.register_buffer(name, torch.tensor(float("nan")))
         self._register_load_state_dict_pre_hook(_fill_missing_thresholds, with_module=True)
@@ -55,6 +69,12 @@ class AnomalyModule(L.LightningModule):
     @property
     def preprocess(self) -> Preprocess:
         raise NotImplementedError
+
+    @property
+    def input_preprocess(self) -> Preprocess:
+        """The preprocessing this model takes: the one it was fitted with (``fitted_preprocess``),
+        else (not fitted yet) the method's own ``preprocess``."""
+        return self.fitted_preprocess if self.fitted_preprocess is not None else self.preprocess
 
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{"anomaly_map": (B,1,H,W), "pred_score": (B,)}`` for normalised images."""
@@ -97,13 +117,26 @@ class AnomalyModule(L.LightningModule):
             amap = F.interpolate(amap, size=batch["image"].shape[-2:], mode="bilinear", align_corners=False)
         return {"anomaly_map": amap, "pred_score": out["pred_score"]}
 
+    def on_fit_start(self) -> None:
+        """The fit's preprocessing (the datamodule's, overrides included) becomes the model's."""
+        served = getattr(getattr(self.trainer, "datamodule", None), "input_preprocess", None)
+        if served is None:  # plain loaders: the method's own
+            return
+        if self.fitted_preprocess is not None and not same_geometry(self.fitted_preprocess, served):
+            self.print(f"warning: resuming a model fitted with {describe_preprocess(self.fitted_preprocess)} "
+                       f"on {describe_preprocess(served)}; the model now records the latter")
+        self.fitted_preprocess = served
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the resolved method config (plain types) lets test.py rebuild the module safely
         checkpoint[CONFIG_KEY] = getattr(self, "method_config", None)
         checkpoint[CALIBRATION_KEY] = self.calibration_info
+        checkpoint[PREPROCESS_KEY] = preprocess_to_dict(self.input_preprocess)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.calibration_info = checkpoint.get(CALIBRATION_KEY)
+        stored = checkpoint.get(PREPROCESS_KEY)  # None: written before models carried it (checkpoint.py)
+        self.fitted_preprocess = None if stored is None else preprocess_from_dict(stored)
 
     def on_test_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -111,6 +144,7 @@ class AnomalyModule(L.LightningModule):
         self._test_buffer = CategoryBuffer(ends)  # without ends: every category at epoch end
         self._test_reduced = {}
         self.results = None
+        self.image_scores = []
         self.curves = {}
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -123,6 +157,7 @@ class AnomalyModule(L.LightningModule):
                 "anomaly_map": out["anomaly_map"].detach().float().cpu().numpy()[:, 0],
                 "mask": batch["mask"].cpu().numpy()[:, 0] > 0.5,
                 "category": np.asarray(batch["category"]),
+                "path": np.asarray([str(p) for p in batch.get("path", batch["index"].tolist())]),
                 # fraction of mask pixels inside the crop (data/crop_check.py); 1 for other loaders
                 "mask_kept": np.asarray(batch.get("mask_kept", np.ones(len(batch["index"]))), dtype=np.float64),
             }
@@ -154,6 +189,8 @@ class AnomalyModule(L.LightningModule):
         # the exact curve points behind the metrics, thinned for the plots (callbacks/plots.py), so
         # that memory stays per category: a pixel ROC has up to one point per pixel
         self.curves[cat] = thin_curves(curves, CURVE_POINTS)
+        result["image_scores"] = [{"path": str(p), "category": cat, "label": int(y), "score": float(s)}
+                                  for p, y, s in zip(pred["path"], pred["label"], pred["pred_score"])]
         return result
 
     def on_test_epoch_end(self) -> None:
@@ -163,6 +200,7 @@ class AnomalyModule(L.LightningModule):
         reduced = {cat: self._test_reduced[cat] for cat in order}
         self._test_buffer, self._test_reduced = CategoryBuffer(), {}
         per_cat = {cat: r["metrics"] for cat, r in reduced.items()}
+        self.image_scores = [row for r in reduced.values() for row in r["image_scores"]]
         self.results = {
             "categories": per_cat,
             "mean": mean_over_categories(per_cat),

@@ -129,6 +129,7 @@ class UniAD(AnomalyModule):
                        f"({len(ignored)} official backbone tensors ignored: the backbone is timm's)")
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()  # records the fit's preprocessing
         if self.hparams.projector is not None:  # the k-shot reference bank, before any feature is cached
             from iad_lightning.methods._projector import set_reference_bank
 

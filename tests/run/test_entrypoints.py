@@ -53,7 +53,7 @@ def trained(tmp_path_factory, mvtec_root) -> Path:
 
 def test_train_writes_results_checkpoint_and_overlays(trained):
     res = json.loads((trained / "results.json").read_text())
-    assert set(res) == {"categories", "mean", "crop_check", "calibrated"}  # calibrated: metrics at the thresholds
+    assert set(res) == {"categories", "mean", "crop_check", "calibrated", "preprocess"}  # calibrated: metrics at the thresholds
     assert list(res["categories"]) == ["bottle", "cable"]
     # resize 64 = crop 64 on square images: nothing is cut (tests/data/test_crop_check.py cuts)
     assert {c: (v["partly_outside"], v["wholly_outside"]) for c, v in res["crop_check"].items()} == {

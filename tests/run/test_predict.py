@@ -21,6 +21,7 @@ from PIL import Image
 import iad_lightning
 from iad_lightning.calibration import CALIBRATED_KEYS, Threshold, normal_threshold, set_thresholds
 from iad_lightning.data.datamodule import AnomalyDataModule
+from iad_lightning.data.geometry import preprocess_from_dict
 from iad_lightning.metrics import METRIC_KEYS
 
 from .test_entrypoints import REPO, TINY, fx, run
@@ -193,9 +194,11 @@ def test_predict_with_an_exported_onnx_file(tmp_path):
     onnx_path = tmp_path / "model.onnx"
     assert export_main([f"ckpt_path={tmp_path / 'last.ckpt'}", "format=onnx", f"output={onnx_path}"]) == 0
     meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
-    assert json.loads(meta["iad_preprocess"]) == {"resize": [64, 64], "crop": None,
-                                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                                                  "resize_backend": "pil"}
+    stored = json.loads(meta["iad_preprocess"])  # every Preprocess field (data/geometry.py), plain JSON
+    assert {k: stored[k] for k in ("resize", "crop", "mean", "std", "resize_backend")} == {
+        "resize": [64, 64], "crop": None, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "resize_backend": "pil"}
+    assert preprocess_from_dict(stored) == method.preprocess
     assert json.loads(meta["iad_thresholds"])["image_threshold"] == pytest.approx(float(method.image_threshold))
     out = tmp_path / "pred"
     run("predict.py", f"ckpt_path={onnx_path}", f"input={folder}", "batch_size=2", f"hydra.run.dir={out}")
