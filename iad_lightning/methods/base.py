@@ -119,7 +119,7 @@ class AnomalyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """The fit's preprocessing (the datamodule's, overrides included) becomes the model's."""
-        served = getattr(getattr(self.trainer, "datamodule", None), "input_preprocess", None)
+        served = getattr(getattr(self._trainer, "datamodule", None), "input_preprocess", None)  # no trainer: None
         if served is None:  # plain loaders: the method's own
             return
         if self.fitted_preprocess is not None and not same_geometry(self.fitted_preprocess, served):
