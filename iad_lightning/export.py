@@ -26,7 +26,8 @@ outside the graph, as in training: the preprocessing the model was fitted with (
 ``Preprocess``: resize, crop or none, resize backend, mean/std; ``data.center_crop=false`` shows as
 ``"crop": null``), read from the checkpoint (``data/geometry.py``). The ONNX file stores it, the
 thresholds and the widths of the normalised score in its ``metadata_props`` (``iad_preprocess``,
-``iad_thresholds``, JSON), so that ``python predict.py ckpt_path=model.onnx`` needs no checkpoint
+``iad_thresholds``, JSON; with ``categories``: the per-category thresholds of a unified model, which
+``iad_lightning.load(...).predict(..., category=...)`` uses), so that ``python predict.py ckpt_path=model.onnx`` needs no checkpoint
 (TorchScript: the same JSON as the extra file ``iad_metadata.json``). After writing, the file is loaded again and run on a
 random input (onnxruntime for ONNX, ``torch.jit.load`` for TorchScript); the largest difference to
 the eager module is printed, and the export fails when it exceeds ``atol + rtol * max|eager|``.
@@ -178,6 +179,11 @@ def export_metadata(method: Any) -> dict[str, str]:
     names = ("image_threshold", "image_scale", "pixel_threshold", "pixel_scale")
     thresholds = {k: float(getattr(method, k, float("nan"))) for k in names}
     thresholds = {k: (v if v == v else None) for k, v in thresholds.items()}  # NaN -> null (valid JSON)
+    from iad_lightning.calibration import category_thresholds  # unified mode: one set per category
+
+    cats = category_thresholds(getattr(method, "calibration_info", None))
+    if cats:
+        thresholds["categories"] = {c: {k: (v if v == v else None) for k, v in t.items()} for c, t in cats.items()}
     return {"iad_method": type(method).__name__, PREPROCESS_KEY: json.dumps(preprocess_to_dict(method.input_preprocess)),
             "iad_thresholds": json.dumps(thresholds)}
 

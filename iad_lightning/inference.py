@@ -16,9 +16,13 @@ a ``data=folder`` model's 256 x 256), the geometry the metrics use; they are not
 image, because a centre crop discards the borders (no map exists there). ``out.views`` holds the
 input as the method saw it (uint8 RGB at that resolution), on which ``predict.py`` draws overlays.
 
-Decisions use the thresholds calibrated at fit time on held-out normal images
-(``iad_lightning.calibration``): ``anomalous`` iff score > image threshold, else ``normal``;
-``unknown`` when the checkpoint carries no thresholds. ``regions`` = map > pixel threshold.
+Decisions use the thresholds calibrated at fit time on out-of-sample scores of normal train
+images (``iad_lightning.calibration``): ``anomalous`` iff score > image threshold, else ``normal``;
+``unknown`` when the checkpoint carries no thresholds. ``regions`` = map > pixel threshold. A model
+fitted on several categories (unified mode) carries one threshold pair per category:
+``model.predict(images, category="screw")`` (or one name per image) uses that category's own; without
+a category the global thresholds apply (calibrated on the normal images of all categories pooled).
+``model.categories`` lists the calibrated categories.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ class _OnnxBackend:
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), providers=providers)
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.preprocess, self.thresholds, self.method_name = _read_metadata(meta, path)
+        self.preprocess, self.thresholds, self.category_thresholds, self.method_name = _read_metadata(meta, path)
         shape = self.session.get_inputs()[0].shape
         self.batch = shape[0] if isinstance(shape[0], int) else None  # None: dynamic batch
         self.size = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
@@ -146,7 +150,7 @@ class _TorchScriptBackend:
             self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra)
         if not extra["iad_metadata.json"]:
             raise ConfigError(f"'{path}' has no iad_metadata.json; export it with python -m iad_lightning.export")
-        self.preprocess, self.thresholds, self.method_name = _read_metadata(json.loads(extra["iad_metadata.json"]), path)
+        self.preprocess, self.thresholds, self.category_thresholds, self.method_name = _read_metadata(json.loads(extra["iad_metadata.json"]), path)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -154,30 +158,49 @@ class _TorchScriptBackend:
         return amap[:, 0].float().cpu().numpy(), score.float().cpu().numpy()
 
 
-def _read_metadata(meta: dict[str, str], path: Path) -> tuple[Preprocess, dict[str, float], str]:
-    """(preprocess, thresholds, method name) from an exported file's metadata (``export_metadata``)."""
+def _read_metadata(meta: dict[str, str], path: Path) -> tuple[Preprocess, dict[str, float], dict[str, dict[str, float]], str]:
+    """(preprocess, global thresholds, per-category thresholds, method name) from an exported
+    file's metadata (``export_metadata``)."""
     if PREPROCESS_KEY not in meta:
         raise ConfigError(f"'{path}' has no {PREPROCESS_KEY} metadata; export it with python -m iad_lightning.export")
     preprocess = preprocess_from_dict(json.loads(meta[PREPROCESS_KEY]), f"'{path}'")
-    thresholds = {k: (math.nan if v is None else float(v)) for k, v in json.loads(meta.get("iad_thresholds", "{}")).items()}
-    return preprocess, thresholds, meta.get("iad_method", "exported model")
+    stored = json.loads(meta.get("iad_thresholds", "{}"))
+    categories = {c: _four(t) for c, t in (stored.get("categories") or {}).items()}
+    return preprocess, _four(stored), categories, meta.get("iad_method", "exported model")
 
 
 class Predictor:
     """A trained model ready for new images; build it with ``iad_lightning.load``."""
 
-    def __init__(self, backend: Any, preprocess: Preprocess, thresholds: dict[str, float], name: str) -> None:
+    def __init__(self, backend: Any, preprocess: Preprocess, thresholds: dict[str, float], name: str,
+                 category_thresholds: dict[str, dict[str, float]] | None = None) -> None:
         self.backend, self.name = backend, name
         self.preprocess = replace(preprocess, extra=())  # train augmentations never apply here
         self.transform = PairTransform(self.preprocess)
-        self.thresholds = {k: float(thresholds.get(k, math.nan)) for k in
-                           ("image_threshold", "image_scale", "pixel_threshold", "pixel_scale")}
+        self.thresholds = _four(thresholds)  # global
+        self.category_thresholds = {c: _four(t) for c, t in (category_thresholds or {}).items()}
         self._mean = np.asarray(self.preprocess.mean, dtype=np.float32)[:, None, None]
         self._std = np.asarray(self.preprocess.std, dtype=np.float32)[:, None, None]
 
     @property
     def calibrated(self) -> bool:
         return math.isfinite(self.thresholds["image_threshold"])
+
+    @property
+    def categories(self) -> list[str]:
+        """Categories with their own calibrated thresholds."""
+        return list(self.category_thresholds)
+
+    def thresholds_for(self, category: str | None = None) -> dict[str, float]:
+        """The category's own thresholds; the global ones for ``None`` (or a model without them)."""
+        if category is None:
+            return self.thresholds
+        if category not in self.category_thresholds:
+            if not self.category_thresholds:
+                return self.thresholds  # a model calibrated before per-category thresholds existed
+            raise ConfigError(f"category='{category}' has no calibrated thresholds in {self.name}; "
+                              f"known: {', '.join(self.category_thresholds)} (or none: the global threshold)")
+        return self.category_thresholds[category]
 
     def __repr__(self) -> str:
         t = self.thresholds
@@ -186,7 +209,7 @@ class Predictor:
 
     # -- pieces predict.py reuses ------------------------------------------------------------
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        """An 8-bit PIL image (RGB or its file's own mode) -> the normalised (3, H, W) tensor the method takes."""
+        """An RGB PIL image -> the normalised (3, H, W) tensor the method takes."""
         tensor, _ = self.transform(image, np.zeros((image.size[1], image.size[0]), dtype=bool))
         return tensor
 
@@ -195,21 +218,22 @@ class Predictor:
         img = tensor.numpy() * self._std + self._mean
         return (np.clip(img.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
 
-    def decide(self, scores: np.ndarray) -> list[str]:
-        if not self.calibrated:
+    def decide(self, scores: np.ndarray, category: str | None = None) -> list[str]:
+        t = self.thresholds_for(category)["image_threshold"]
+        if not math.isfinite(t):
             return ["unknown"] * len(scores)
-        return ["anomalous" if s > self.thresholds["image_threshold"] else "normal" for s in scores]
+        return ["anomalous" if s > t else "normal" for s in scores]
 
-    def normalize_scores(self, scores: np.ndarray) -> np.ndarray:
-        t = self.thresholds
+    def normalize_scores(self, scores: np.ndarray, category: str | None = None) -> np.ndarray:
+        t = self.thresholds_for(category)
         return normalize(scores, t["image_threshold"], t["image_scale"])
 
-    def normalize_maps(self, maps: np.ndarray) -> np.ndarray:
-        t = self.thresholds
+    def normalize_maps(self, maps: np.ndarray, category: str | None = None) -> np.ndarray:
+        t = self.thresholds_for(category)
         return normalize(maps, t["pixel_threshold"], t["pixel_scale"])
 
-    def regions(self, maps: np.ndarray) -> np.ndarray:
-        return maps > self.thresholds["pixel_threshold"]  # all False when uncalibrated (NaN)
+    def regions(self, maps: np.ndarray, category: str | None = None) -> np.ndarray:
+        return maps > self.thresholds_for(category)["pixel_threshold"]  # all False when uncalibrated (NaN)
 
     def predict_tensors(self, tensors: Sequence[torch.Tensor]) -> tuple[list[np.ndarray], np.ndarray]:
         """Maps (list of (H, W)) and scores of preprocessed tensors; same-size tensors share a batch."""
@@ -225,12 +249,18 @@ class Predictor:
         return maps, scores  # type: ignore[return-value]
 
     # -- the API -----------------------------------------------------------------------------
-    def predict(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 16) -> Prediction:
+    def predict(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 16,
+                category: str | Sequence[str | None] | None = None) -> Prediction:
         """Scores, normalised scores, decisions, maps and defect regions of ``images`` (one image
-        or a list). Unreadable input raises ``DatasetError`` naming it (``predict.py`` records it
-        per file instead)."""
+        or a list). ``category``: one name for all images or one per image (that category's own
+        thresholds); None: the global thresholds. Unreadable input raises ``DatasetError`` naming
+        it (``predict.py`` records it per file instead)."""
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             images = [images]
+        images = list(images)
+        cats = [category] * len(images) if category is None or isinstance(category, str) else list(category)
+        if len(cats) != len(images):
+            raise ConfigError(f"category: {len(cats)} names for {len(images)} images; give one name or one per image")
         tensors = [self.to_tensor(as_image8(im, f"image {i}")) for i, im in enumerate(images)]
         maps: list[np.ndarray] = []
         scores = []
@@ -242,11 +272,12 @@ class Predictor:
         stack = (lambda xs: np.stack(xs)) if len({m.shape for m in maps}) == 1 else (lambda xs: list(xs))
         return Prediction(
             scores=score,
-            normalized_scores=self.normalize_scores(score),
-            decisions=self.decide(score),
+            normalized_scores=np.array([self.normalize_scores(s[None], c)[0] for s, c in zip(score, cats)],
+                                       dtype=np.float32),
+            decisions=[self.decide(s[None], c)[0] for s, c in zip(score, cats)],
             maps=stack(maps),
-            normalized_maps=stack([self.normalize_maps(m) for m in maps]),
-            regions=stack([self.regions(m) for m in maps]),
+            normalized_maps=stack([self.normalize_maps(m, c) for m, c in zip(maps, cats)]),
+            regions=stack([self.regions(m, c) for m, c in zip(maps, cats)]),
             views=stack([self.view(t) for t in tensors]),
         )
 
@@ -261,12 +292,19 @@ def load(path: str | Path, device: str = "auto") -> Predictor:
         raise ConfigError(f"ckpt_path='{p}' does not exist; pass a training run's checkpoints/last.ckpt "
                           "or an exported .onnx file")
     exported = {".onnx": (_OnnxBackend, "ONNX"), ".pt": (_TorchScriptBackend, "TorchScript")}
-    if p.suffix.lower() in exported:  # files before resize_backend was stored: the default, tensor
+    if p.suffix.lower() in exported:
         kind, what = exported[p.suffix.lower()]
         backend = kind(p, device)
-        return Predictor(backend, backend.preprocess, backend.thresholds, f"{backend.method_name} ({what} {p.name})")
-    from iad_lightning.calibration import thresholds_of
+        return Predictor(backend, backend.preprocess, backend.thresholds, f"{backend.method_name} ({what} {p.name})",
+                         backend.category_thresholds)
+    from iad_lightning.calibration import category_thresholds, thresholds_of
     from iad_lightning.checkpoint import load_method
 
     method = load_method(p)
-    return Predictor(_TorchBackend(method, device), method.input_preprocess, thresholds_of(method), type(method).__name__)
+    return Predictor(_TorchBackend(method, device), method.input_preprocess, thresholds_of(method), type(method).__name__,
+                     category_thresholds(method.calibration_info))
+
+
+def _four(thresholds: dict[str, Any]) -> dict[str, float]:
+    return {k: math.nan if thresholds.get(k) is None else float(thresholds[k]) for k in
+            ("image_threshold", "image_scale", "pixel_threshold", "pixel_scale")}

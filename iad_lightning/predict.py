@@ -11,7 +11,14 @@ Writes into ``output_dir`` (the Hydra run folder):
   128; uncalibrated: min-max per image), ``.npy`` raw float maps with ``save_maps=npy|both``;
 - ``overlays/<relative path>.png``: the input as the method saw it, the jet-coloured normalised
   map blended over it, the predicted defect region (map > pixel threshold) outlined in red;
-- a summary at the end: counts per decision, errors, throughput.
+- a summary at the end: counts per decision (per category when the model has several), errors,
+  throughput.
+
+Thresholds: a model fitted on several categories (unified mode) carries one threshold pair per
+category. ``category=<name>`` applies that category's to every file; by default (``category=null``)
+each file's category is read from the folder layout: the nearest folder of its path named like a
+calibrated category (``.../screw/test/crack/001.png`` -> ``screw``); a file with none gets the global
+thresholds (calibrated on all categories' normal images pooled; column ``category`` empty).
 ``resume=true`` (with ``hydra.run.dir`` = the interrupted run's folder) skips files already in its
 ``predictions.csv``. Relative paths are taken from the input folder (a glob: its fixed prefix).
 """
@@ -23,7 +30,7 @@ import glob
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("path", "score", "normalized_score", "decision", "defect_fraction", "width", "height",
-               "map", "overlay", "error")
+               "map", "overlay", "error", "category")
 SAVE_MAPS = ("png", "npy", "both", "none")
 
 
@@ -108,9 +115,9 @@ def overlay_image(view: np.ndarray, norm_map: np.ndarray, region: np.ndarray) ->
     return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _display_map(predictor: Predictor, amap: np.ndarray) -> np.ndarray:
+def _display_map(predictor: Predictor, amap: np.ndarray, category: str | None = None) -> np.ndarray:
     if predictor.calibrated:
-        return predictor.normalize_maps(amap)
+        return predictor.normalize_maps(amap, category)
     lo, hi = float(amap.min()), float(amap.max())
     return ((amap - lo) / max(hi - lo, 1e-12)).astype(np.float32)
 
@@ -139,12 +146,16 @@ def predict(cfg: Any) -> dict[str, Any]:
 
     predictor = load(cfg.ckpt_path, str(cfg.get("device", "auto")))
     print(f"{predictor.name}: preprocessing stored with the model: {describe_preprocess(predictor.preprocess)}")
+    category = cfg.get("category")
+    if category is not None:
+        predictor.thresholds_for(str(category))  # an unknown name fails here, naming the known ones
     if not predictor.calibrated:
         log.warning("the model carries no calibrated thresholds: decisions are 'unknown' (retrain with "
                     "threshold.holdout_fraction > 0)")
     loader = DataLoader(_Files(files, predictor), batch_size=int(cfg.get("batch_size", 16)),
                         num_workers=int(cfg.get("num_workers", 0)), collate_fn=list)
     counts: Counter = Counter()
+    per_category: dict[str, Counter] = defaultdict(Counter)
     start = time.perf_counter()
     new_file = not csv_path.is_file()
     with open(csv_path, "a", newline="") as fh:
@@ -166,39 +177,55 @@ def predict(cfg: Any) -> dict[str, Any]:
                 path = files[it["i"]]
                 if it["error"]:
                     counts["error"] += 1
-                    writer.writerow([str(path), "", "", "error", "", "", "", "", "", it["error"]])
+                    writer.writerow([str(path), "", "", "error", "", "", "", "", "", it["error"], ""])
                     continue
                 amap, score = results[it["i"]]
+                cat = str(category) if category is not None else category_of(path, predictor.categories)
                 row = _write_outputs(predictor, path, base, out_dir, it, amap, float(score), save_maps,
-                                     bool(cfg.get("overlays", True)))
+                                     bool(cfg.get("overlays", True)), cat)
                 counts[row[3]] += 1
+                per_category[cat or ""][row[3]] += 1
                 writer.writerow(row)
             fh.flush()
             os.fsync(fh.fileno())  # rows survive a kill
     elapsed = time.perf_counter() - start
     n = sum(counts.values())
     summary = {"files": n, "counts": dict(counts), "seconds": elapsed,
-               "images_per_second": (n - counts["error"]) / elapsed if elapsed > 0 else None, "csv": str(csv_path)}
-    parts = ", ".join(f"{k} {counts[k]}" for k in ("anomalous", "normal", "unknown", "error") if counts[k])
-    print(f"\n{n} files ({parts or 'nothing new'}) in {elapsed:.1f} s "
+               "images_per_second": (n - counts["error"]) / elapsed if elapsed > 0 else None, "csv": str(csv_path),
+               "categories": {c: dict(v) for c, v in per_category.items()}}
+    print(f"\n{n} files ({_parts(counts, ('error',)) or 'nothing new'}) in {elapsed:.1f} s "
           f"({summary['images_per_second'] or 0:.1f} images/s) with {predictor.name}; table: {csv_path}")
+    if len(predictor.categories) > 1 and per_category:  # unified model: decisions per category
+        for cat, c in sorted(per_category.items()):
+            t = predictor.thresholds_for(cat or None)["image_threshold"]
+            print(f"  {cat or '(global threshold)'}: {_parts(c)} (image threshold {t:.6g})")
     return summary
 
 
+def _parts(counts: Counter, extra: tuple[str, ...] = ()) -> str:
+    return ", ".join(f"{k} {counts[k]}" for k in ("anomalous", "normal", "unknown", *extra) if counts[k])
+
+
+def category_of(path: Path, categories: list[str]) -> str | None:
+    """The nearest folder of ``path`` named like one of ``categories`` (None: no such folder)."""
+    known = set(categories)
+    return next((part for part in reversed(Path(path).parts[:-1]) if part in known), None)
+
+
 def _write_outputs(predictor: Predictor, path: Path, base: Path, out_dir: Path, item: dict, amap: np.ndarray,
-                   score: float, save_maps: str, overlays: bool) -> list:
+                   score: float, save_maps: str, overlays: bool, category: str | None = None) -> list:
     try:
         rel = path.relative_to(base)
     except ValueError:
         rel = Path(path.name)
-    region = predictor.regions(amap)
-    norm_score = float(predictor.normalize_scores(np.asarray([score]))[0])
-    decision = predictor.decide(np.asarray([score]))[0]
+    region = predictor.regions(amap, category)
+    norm_score = float(predictor.normalize_scores(np.asarray([score]), category)[0])
+    decision = predictor.decide(np.asarray([score]), category)[0]
     map_file = overlay_file = ""
     if save_maps in ("png", "both"):
         target = out_dir / "maps" / f"{rel}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.clip(_display_map(predictor, amap), 0, 1) * 255 + 0.5).astype(np.uint8)).save(target)
+        Image.fromarray((np.clip(_display_map(predictor, amap, category), 0, 1) * 255 + 0.5).astype(np.uint8)).save(target)
         map_file = str(target.relative_to(out_dir))
     if save_maps in ("npy", "both"):
         target = out_dir / "maps" / f"{rel}.npy"
@@ -209,8 +236,8 @@ def _write_outputs(predictor: Predictor, path: Path, base: Path, out_dir: Path, 
         target = out_dir / "overlays" / f"{rel}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         view = predictor.view(item["tensor"])
-        Image.fromarray(overlay_image(view, _display_map(predictor, amap), region)).save(target)
+        Image.fromarray(overlay_image(view, _display_map(predictor, amap, category), region)).save(target)
         overlay_file = str(target.relative_to(out_dir))
     width, height = item["size"]
     return [str(path), f"{score:.6g}", "" if norm_score != norm_score else f"{norm_score:.6f}", decision,
-            f"{float(region.mean()):.6f}", width, height, map_file, overlay_file, ""]
+            f"{float(region.mean()):.6f}", width, height, map_file, overlay_file, "", category or ""]

@@ -91,7 +91,7 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> None:
     md = markdown_table(clean)
     if results.get("calibrated"):
         clean["calibrated"] = results["calibrated"]
-        md += "\nAt the calibrated thresholds (held-out normal images):\n\n" + calibrated_table(results)
+        md += "\nAt the calibrated thresholds (out-of-sample normal train images):\n\n" + calibrated_table(results)
     atomic_write(out / "results.json", json.dumps(clean, indent=2) + "\n")
     atomic_write(out / "results.md", md)
 

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from iad_lightning.calibration import apply_holdout
+from iad_lightning.calibration import apply_holdout, cross_fits
 from iad_lightning.callbacks.calibration import ThresholdCalibration
 from iad_lightning.callbacks.checkpoint import RNGState
 from iad_lightning.checkpoint import load_method
@@ -28,6 +29,18 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def configure_numerics(cfg: DictConfig) -> None:
+    """Process-wide numerics decided by config: ``matmul_precision`` (``highest``: exact fp32
+    matmuls, the papers' numbers; ``high``: TF32 on Ampere+ GPUs, as ADPretrain's spec)."""
+    value = str(cfg.get("matmul_precision") or "highest")
+    if value not in MATMUL_PRECISIONS:
+        raise ConfigError(f"matmul_precision={value} must be one of {list(MATMUL_PRECISIONS)}")
+    torch.set_float32_matmul_precision(value)
 
 
 def _build(
@@ -64,7 +77,7 @@ def _finish(trainer: L.Trainer, model: L.LightningModule, out_dir: str) -> dict[
         write_image_scores(getattr(model, "image_scores", []), out_dir)
         table = markdown_table(results)
         if results.get("calibrated"):
-            table += "\nAt the calibrated thresholds (held-out normal images):\n" + calibrated_table(results)
+            table += "\nAt the calibrated thresholds (out-of-sample normal train images):\n" + calibrated_table(results)
         for logger in trainer.loggers:
             log_results_table(logger, results, table)
         print(f"\nResults ({Path(out_dir) / 'results.json'}):\n{table}")
@@ -136,6 +149,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     With ``eval_data`` set, the test runs on that second data config instead (the auxiliary-data
     protocol: fit on ``data`` with ``data.fit_split=test``, evaluate zero-shot on ``eval_data``)."""
     L.seed_everything(cfg.seed, workers=True)
+    configure_numerics(cfg)
     model = instantiate(cfg.method)
     model.method_config = OmegaConf.to_container(cfg.method, resolve=True)
     eval_data = cfg.get("eval_data")
@@ -143,9 +157,13 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         model.trained_on = {"data": _data_description(cfg.data)}  # recorded in results.json
     threshold = cfg.get("threshold") or {}
     calibrates = hasattr(model, "image_threshold")  # every AnomalyModule; not e.g. a teacher distillation
-    extra = (ThresholdCalibration(threshold.get("normal_fpr", 0.01), threshold.get("pixel_normal_fpr")),)
+    folds = int(threshold.get("folds", 0))
+    extra = (ThresholdCalibration(threshold.get("normal_fpr", 0.01), threshold.get("pixel_normal_fpr"), folds=folds,
+                                  seed=cfg.seed, tail=threshold.get("tail", "auto"),
+                                  min_exceedances=threshold.get("min_exceedances", 5),
+                                  tail_fraction=threshold.get("tail_fraction", 0.2)),)
     datamodule, trainer = _build(cfg, model, extra if calibrates else ())
-    if calibrates:  # before the data is indexed
+    if calibrates and not cross_fits(model, datamodule, folds):  # before the data is indexed
         apply_holdout(datamodule, float(threshold.get("holdout_fraction", 0.0)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path")))
     if not cfg.get("test", True):
@@ -161,6 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
 def test(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate a training checkpoint (``ckpt_path``) on ``cfg.data``, without re-fitting."""
     L.seed_everything(cfg.seed, workers=True)
+    configure_numerics(cfg)
     model = load_method(cfg.ckpt_path)
     _warn_if_fitted_on((getattr(model, "trained_on", None) or {}).get("data"), _data_description(cfg.data))
     datamodule, trainer = _build(cfg, model)

@@ -1,6 +1,9 @@
 """Curve plots of a test run: per category the ROC curves (image and pixel level) and the PRO
-curve up to the AU-PRO limit, and a bar chart of every metric per category. PNG files in
-``<run>/plots/`` and, as images, to every logger that takes them (TensorBoard, W&B, MLflow).
+curve up to the AU-PRO limit, a bar chart of every metric per category, and per category the
+calibration plot (``<category>_calibration.png``: the out-of-sample normal train scores the image
+threshold was calibrated on, the test normal and defective scores, the threshold with the requested
+and realised false-alarm rates and the recall). PNG files in ``<run>/plots/`` and, as images, to
+every logger that takes them (TensorBoard, W&B, MLflow).
 
 The points are the exact curves the metrics are computed from (``compute_metrics(curves=...)``,
 kept by the method in ``pl_module.curves``), so a plotted area is the reported number. Long
@@ -91,9 +94,45 @@ def metrics_bar_figure(results: dict[str, Any]):
     return fig
 
 
+def calibration_figure(category: str, cal: dict[str, Any], test_scores: tuple[np.ndarray, np.ndarray] | None,
+                       source: str = "out-of-sample"):
+    """Scores as dots, one row per group, with the category's image threshold (``cal``: an entry
+    of ``calibration_info["categories"]``) and the rates it gives on each group."""
+    plt = _pyplot()
+    t, info = float(cal["image_threshold"]), cal["image"]
+    rows = [(f"train normal\n({source}, n={len(cal['scores'])})", np.asarray(cal["scores"], dtype=float), "tab:blue")]
+    if test_scores is not None:
+        scores, labels = np.asarray(test_scores[0], dtype=float), np.asarray(test_scores[1]).astype(bool)
+        rows += [(f"test normal\n(n={int((~labels).sum())})", scores[~labels], "tab:green"),
+                 (f"test defective\n(n={int(labels.sum())})", scores[labels], "tab:red")]
+    fig, ax = plt.subplots(figsize=(9.0, 1.6 + 1.0 * len(rows)), dpi=100)
+    rng = np.random.default_rng(0)
+    for y, (label, values, color) in enumerate(rows):
+        if len(values):
+            ax.scatter(values, y + rng.uniform(-0.28, 0.28, len(values)), s=14, alpha=0.6, color=color, lw=0)
+            above = int((values > t).sum())
+            word = "recall" if "defective" in label else "false alarms"
+            ax.text(1.01, y, f"{word}\n{above}/{len(values)} = {100 * above / len(values):.1f} %",
+                    transform=ax.get_yaxis_transform(), va="center", fontsize=9)
+    lo, hi = info["fpr_interval"]
+    how = {"gpd": f"GPD tail fit to the top {info['determined_by']}", "max": "the largest score",
+           "conformal": "conformal rank"}.get(info["rule"], info["rule"])
+    ax.axvline(t, color="black", ls="--", lw=1.5)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=9)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("image score (anomalous iff > threshold)")
+    ax.set_title(f"{category}: image threshold {t:.4g} ({how}); requested false-alarm rate "
+                 f"{100 * info['requested_fpr']:.3g} %, on train {100 * info['fpr_calibration']:.3g} % "
+                 f"[95 %: {100 * lo:.2g}-{100 * hi:.2g} %]", fontsize=9.5)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 class CurvePlots(L.Callback):
     """After testing: ``plots/<category>_roc.png``, ``plots/<category>_pro.png`` (when the data has
-    masks) and ``plots/metrics.png``; each also goes to the image loggers."""
+    masks), ``plots/<category>_calibration.png`` (a calibrated model) and ``plots/metrics.png``;
+    each also goes to the image loggers."""
 
     def __init__(self, dirname: str = "plots", log_to_loggers: bool = True, max_points: int = 2000) -> None:
         self.dirname, self.log_to_loggers, self.max_points = dirname, log_to_loggers, max_points
@@ -112,6 +151,10 @@ class CurvePlots(L.Callback):
                 figures.append((f"{cat}_roc", roc_figure(cat, cat_curves, metrics, self.max_points)))
             if "pixel_pro" in cat_curves:
                 figures.append((f"{cat}_pro", pro_figure(cat, cat_curves, metrics, self.max_points)))
+            cal = ((getattr(pl_module, "calibration_info", None) or {}).get("categories") or {}).get(cat)
+            if cal and cal.get("scores"):
+                source = (pl_module.calibration_info.get("source") or "out-of-sample").split(" (")[0]
+                figures.append((f"{cat}_calibration", calibration_figure(cat, cal, cat_curves.get("test_scores"), source)))
         figures.append(("metrics", metrics_bar_figure(results)))
         for name, fig in figures:
             fig.savefig(root / f"{name}.png")

@@ -73,6 +73,8 @@ class AnomalyDataModule(L.LightningDataModule):
         resized to a square of the method's resize size), e.g. for users' own images whose
         defects touch the border (``data=folder``'s default). Test runs count the defects a crop
         cuts (``results.json`` ``crop_check``).
+    pin_memory: ``auto`` (default) pins the loaders' batches when the trainer runs on CUDA
+        (``trainer=gpu``), so that the copies to the device are asynchronous; ``true`` / ``false``.
     The method sets ``preprocess`` before the loaders are built. A fitted model under test sets
     ``fitted_preprocess`` too (``data.geometry.serve_fitted_geometry``): every split is then served
     exactly the geometry the model was fitted with, and ``center_crop`` no longer applies.
@@ -90,7 +92,7 @@ class AnomalyDataModule(L.LightningDataModule):
         val_fraction: float = 0.0,
         shuffle: bool = True,
         seed: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         fit_split: str = "train",
         center_crop: bool = True,
     ) -> None:
@@ -99,6 +101,8 @@ class AnomalyDataModule(L.LightningDataModule):
         self.options = dict(options or {})
         self.batch_size, self._eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.val_fraction, self.shuffle = num_workers, val_fraction, shuffle
+        if pin_memory not in (True, False, "auto"):
+            raise ConfigError(f"data.pin_memory={pin_memory!r} must be auto, true or false")
         self.seed, self.pin_memory = seed, pin_memory
         if fit_split not in FIT_SPLITS:
             raise ConfigError(f"data.fit_split='{fit_split}' is unknown; use one of {list(FIT_SPLITS)}")
@@ -179,6 +183,16 @@ class AnomalyDataModule(L.LightningDataModule):
         records = self.fit_records() if split == "fit" else self.index_records()[split]
         return {rec.category: i + 1 for i, rec in enumerate(records)}  # the last occurrence wins
 
+    def loader_pin_memory(self) -> bool:
+        """``pin_memory`` of the loaders: ``auto`` pins on a CUDA trainer (page-locked batches, whose
+        copies to the GPU Lightning issues with ``non_blocking=True``), never on CPU."""
+        if self.pin_memory != "auto":
+            return bool(self.pin_memory)
+        from lightning.pytorch.accelerators import CUDAAccelerator
+
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)
+
     def _loader(self, split: str, batch_size: int | None, shuffle: bool) -> DataLoader:
         if batch_size is None:
             raise ConfigError("data.batch_size is null and the method did not set it; set data.batch_size=N")
@@ -187,7 +201,7 @@ class AnomalyDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader_pin_memory(),
             persistent_workers=self.num_workers > 0,
         )
 
@@ -213,7 +227,7 @@ class AnomalyDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=self._train_sampler,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader_pin_memory(),
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self._train_sampler.seed),  # worker seeds off the global RNG
         )

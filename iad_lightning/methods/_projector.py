@@ -72,14 +72,15 @@ def reference_set_records(root: str | Path, categories: Sequence[str], shots: in
 
 @torch.no_grad()
 def set_reference_bank(extractor: ResidualProjectorExtractor, records: list, shots: int, seed: int, image_size: int,
-                       device: torch.device, like: Preprocess | None = None, reference_set: str | None = None) -> int:
-    """Fill the extractor's per-category banks; returns the number of reference images.
+                       device: torch.device, like: Preprocess | None = None, reference_set: str | None = None) -> list:
+    """Fill the extractor's per-category banks; returns the reference records (the method fits on
+    them whatever the cross-fitting fold: ``AnomalyModule.exclude_from_calibration``).
 
     records: the datamodule's train good records (their categories name the banks).
     like: the plug-in method's preprocessing, whose resize backend and filter the bank images follow.
     reference_set: a fixed reference set folder instead of the seeded k-shot draw from ``records``."""
     if not extractor.uses_bank:
-        return 0
+        return []
     if reference_set:
         categories = sorted({r.category for r in records})
         if not categories:
@@ -95,4 +96,4 @@ def set_reference_bank(extractor: ResidualProjectorExtractor, records: list, sho
     data = AnomalyDataset(chosen, pre)
     images = torch.stack([data[i]["image"] for i in range(len(data))]).to(device)
     extractor.set_bank(images, categories=[r.category for r in chosen])
-    return len(chosen)
+    return chosen

@@ -8,9 +8,11 @@ ranks, drops the duplicates a distributed sampler pads with, and reduces them wi
 calibrated thresholds); the category's maps are then freed, so test memory is bounded by the
 largest category (``category_buffer``). No method computes its own metrics.
 
-Every method also carries the decision thresholds calibrated after fitting on held-out normal
-images (``iad_lightning.calibration``): buffers ``image_threshold``, ``pixel_threshold`` and the
-widths of the normalised score, NaN until calibrated.
+Every method also carries the decision thresholds calibrated after fitting on out-of-sample
+scores of normal train images (``iad_lightning.calibration``): buffers ``image_threshold``,
+``pixel_threshold`` and the widths of the normalised score (global, NaN until calibrated), and per
+category in ``calibration_info``. A method whose fit is cheap sets ``supports_crossfit`` and, when
+``crossfit`` is set, hands ``out_of_sample`` scores to the calibration (``iad_lightning.crossfit``).
 
 And it carries the preprocessing it was fitted with (``fitted_preprocess``: the datamodule's,
 data-level overrides such as ``data.center_crop=false`` included), recorded when fitting starts,
@@ -52,6 +54,8 @@ CURVE_POINTS = 4000  # vertices kept per curve for the plots (the metrics use ev
 class AnomalyModule(L.LightningModule):
     """Base LightningModule: subclasses implement ``preprocess`` and ``predict_batch``."""
 
+    supports_crossfit = False  # True: the fit fills ``out_of_sample`` when ``crossfit`` is set
+
     def __init__(self) -> None:
         super().__init__()
         self.results: dict[str, Any] | None = None
@@ -61,6 +65,8 @@ class AnomalyModule(L.LightningModule):
         self.calibration_info: dict[str, Any] | None = None
         self.fitted_preprocess: Preprocess | None = None  # set at fit start or from the checkpoint
         self.image_scores: list[dict[str, Any]] = []  # per test image: path, category, label, score
+        self.crossfit: Any = None  # crossfit.CrossFit, set by callbacks.calibration before fitting
+        self.out_of_sample: Any = None  # calibration.NormalScores of the train images, from the fit
         for name in THRESHOLD_BUFFERS:  # NaN = not calibrated; set by calibration.ThresholdCalibration
             self.register_buffer(name, torch.tensor(float("nan")))
         self._register_load_state_dict_pre_hook(_fill_missing_thresholds, with_module=True)
@@ -83,6 +89,11 @@ class AnomalyModule(L.LightningModule):
     def configure_data(self, datamodule: Any, world_size: int) -> None:
         """Adapt the datamodule once the trainer exists (e.g. per-device batch from an effective
         batch). Called by ``train.py`` and ``test.py`` before any loader is built; default: no-op."""
+
+    def exclude_from_calibration(self, records: list) -> None:
+        """Train images the method fits on whatever the fold (a k-shot reference bank): not scored."""
+        if self.crossfit is not None:
+            self.crossfit.exclude(records)
 
     def export_module(self) -> torch.nn.Module:
         """The pure-torch inference graph ``images -> (anomaly_map, pred_score)`` with every
@@ -184,13 +195,14 @@ class AnomalyModule(L.LightningModule):
         result = {
             "metrics": compute_metrics(pred["pred_score"], pred["label"], maps, masks, curves=curves),
             "crop_check": crop_check(pred["category"], pred["label"], pred["mask_kept"])[cat],
-            "calibrated": calibrated_category(pred["pred_score"], pred["label"], maps, masks, self),
+            "calibrated": calibrated_category(pred["pred_score"], pred["label"], maps, masks, self, cat),
         }
         # the exact curve points behind the metrics, thinned for the plots (callbacks/plots.py), so
         # that memory stays per category: a pixel ROC has up to one point per pixel
         self.curves[cat] = thin_curves(curves, CURVE_POINTS)
         result["image_scores"] = [{"path": str(p), "category": cat, "label": int(y), "score": float(s)}
                                   for p, y, s in zip(pred["path"], pred["label"], pred["pred_score"])]
+        self.curves[cat]["test_scores"] = (pred["pred_score"].copy(), pred["label"].copy())  # calibration plot
         return result
 
     def on_test_epoch_end(self) -> None:

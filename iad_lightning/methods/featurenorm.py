@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from iad_lightning.calibration import pixel_sample
 from iad_lightning.data.transforms import Preprocess
 from iad_lightning.methods._projector import build_extractor, set_reference_bank
 from iad_lightning.methods.base import AnomalyModule
@@ -27,6 +28,8 @@ from iad_lightning.models.adpretrain import FeatureNormInference, ResidualProjec
 
 class FeatureNorm(AnomalyModule):
     """Projected-residual norm as the score; defaults in ``conf/method/featurenorm.yaml``."""
+
+    supports_crossfit = True  # scores the train images outside its k-shot bank (calibration.py)
 
     def __init__(self, backbone: dict[str, Any], projector: str | None = None, shots: int = 8, image_size: int = 224,
                  blur_sigma: float = 4.0, seed: int = 0, reference_set: str | None = None) -> None:
@@ -44,14 +47,29 @@ class FeatureNorm(AnomalyModule):
         return None
 
     def on_train_start(self) -> None:
-        n = set_reference_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
-                               self.hparams.shots, self.hparams.seed, self.bank_size, self.device, self.preprocess,
-                               self.hparams.reference_set)
+        bank = set_reference_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
+                                  self.hparams.shots, self.hparams.seed, self.bank_size, self.device, self.preprocess,
+                                  self.hparams.reference_set)
+        self.exclude_from_calibration(bank)
         source = self.hparams.reference_set or "train good images"
-        self.print(f"FeatureNorm: reference banks from {n} images ({source})")
+        self.print(f"FeatureNorm: reference banks from {len(bank)} images ({source})")
+        self._scored = []
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        self.trainer.should_stop = True  # nothing to learn: the bank is the whole fit
+        if self.crossfit is None:
+            self.trainer.should_stop = True  # nothing to learn: the bank is the whole fit
+            return
+        # calibration: the final model never saw the train images outside its k-shot bank, so its
+        # own scores of them are out-of-sample (split conformal; no folds needed)
+        with torch.no_grad():
+            out = self._predict_with_size(batch)
+        self._scored.append((batch["index"].cpu(), pixel_sample(out["anomaly_map"].cpu()), out["pred_score"].cpu()))
+
+    def on_train_epoch_end(self) -> None:
+        if self.crossfit is not None:
+            self.out_of_sample = self.crossfit.score_only(self._scored)
+        self._scored = []
+        self.trainer.should_stop = True
 
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         amap, score = feature_norm(self.feature_extractor(images), images.shape[-2:], self.hparams.blur_sigma)

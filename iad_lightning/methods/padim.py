@@ -11,7 +11,7 @@ of all 4 levels at full width (no channel subset), one Gaussian set per level (s
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -23,6 +23,8 @@ from iad_lightning.models.padim import PaDiMFeatures, PaDiMInference, PaDiMModel
 
 class PaDiM(AnomalyModule):
     """Per-position Gaussians; paper defaults in ``conf/method/padim.yaml``."""
+
+    supports_crossfit = True  # fold Gaussians from the stored features (calibration.py)
 
     def __init__(self, backbone: dict[str, Any], n_features: int = 550, resize: int = 256, crop: int = 224,
                  eps: float = 0.01, blur_sigma: float = 4.0, subset_seed: int = 1024, projector: str | None = None,
@@ -61,24 +63,42 @@ class PaDiM(AnomalyModule):
         if self.hparams.projector is not None:
             from iad_lightning.methods._projector import set_reference_bank
 
-            set_reference_bank(self.features.extractor, self.trainer.datamodule.index_records()["train"],
-                               self.hparams.projector_shots, self.hparams.seed, self._bank_image_size, self.device,
-                               self.preprocess, self.hparams.reference_set)
+            bank = set_reference_bank(self.features.extractor, self.trainer.datamodule.index_records()["train"],
+                                      self.hparams.projector_shots, self.hparams.seed, self._bank_image_size,
+                                      self.device, self.preprocess, self.hparams.reference_set)
+            self.exclude_from_calibration(bank)  # in-sample whatever the fold
 
     def on_train_epoch_start(self) -> None:
-        self._train = []
+        self._train, self._index = [], []
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         with self.category_scope(batch):  # ADPretrain: each image against its class's bank
             self._train.append([f.cpu() for f in self.features(batch["image"])])
+        self._index.append(batch["index"].cpu())
+        self._input_size = tuple(batch["image"].shape[-2:])
 
     def on_train_epoch_end(self) -> None:
         groups = [torch.cat([b[g] for b in self._train]) for g in range(self.model.groups)]
-        self._train = []
+        index = torch.cat(self._index)
+        self._train, self._index = [], []
+        if self.crossfit is not None:  # out-of-sample scores of every train image, then the final fit
+            self.out_of_sample = self.crossfit.run(index, lambda train, held: self._score_fold(groups, index, train, held))
         self.model.fit(groups)
         self.model.to(self.device)
         self.print(f"PaDiM: Gaussians from {groups[0].shape[0]} train images, dims {[g.shape[1] for g in groups]}")
         self.trainer.should_stop = True
+
+    def _score_fold(self, groups: list[torch.Tensor], index: torch.Tensor, train: torch.Tensor,
+                    held: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Cross-fitting hook: Gaussians of the ``train`` images, the maps of the ``held`` ones."""
+        row = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
+        row[index.flip(0)] = torch.arange(index.numel() - 1, -1, -1)  # first occurrence of each image
+        fold = PaDiMModel(self.model.groups, self.hparams.eps, self.hparams.blur_sigma, self.model.align_corners)
+        fold.fit(groups, rows=row[train]).to(self.device)
+        for start in range(0, held.numel(), 16):
+            idx = held[start:start + 16]
+            amap, score = fold.predict([g[row[idx]].to(self.device) for g in groups], self._input_size)
+            yield idx, amap, score
 
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         amap, score = self.model.predict(self.features(images), images.shape[-2:])

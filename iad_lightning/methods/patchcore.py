@@ -18,7 +18,7 @@ single-process, full-bank run's.
 from __future__ import annotations
 
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ from iad_lightning.models.patchcore import PatchCoreInference, PatchCoreModel, r
 
 class PatchCore(AnomalyModule):
     """Memory-bank anomaly detection; paper defaults in ``conf/method/patchcore.yaml``."""
+
+    supports_crossfit = True  # fold coresets from the stored projections (calibration.py)
 
     def __init__(
         self,
@@ -102,9 +104,10 @@ class PatchCore(AnomalyModule):
         if self.hparams.projector is not None:  # the reference bank of the residuals
             from iad_lightning.methods._projector import set_reference_bank
 
-            set_reference_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
-                               self.hparams.projector_shots, self.hparams.seed, self._bank_image_size, self.device,
-                               self.preprocess, self.hparams.reference_set)
+            bank = set_reference_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
+                                      self.hparams.projector_shots, self.hparams.seed, self._bank_image_size,
+                                      self.device, self.preprocess, self.hparams.reference_set)
+            self.exclude_from_calibration(bank)  # in-sample whatever the fold
 
     @property
     def preprocess(self) -> Preprocess:
@@ -123,10 +126,11 @@ class PatchCore(AnomalyModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         with self.category_scope(batch):  # ADPretrain: each image against its class's bank
-            embedding, _ = self.model.embed(self.feature_extractor(batch["image"]))
+            embedding, grid = self.model.embed(self.feature_extractor(batch["image"]))
         if self._fit is None:
             self._fit = _StreamingBank(embedding.shape[-1], self.hparams.projection_dim, self.hparams.seed,
                                        self._coreset_device(), num_images=self._train_set_size())
+            self._fit.grid, self._fit.input_size = grid, tuple(batch["image"].shape[-2:])
         self._fit.add(embedding, batch["index"])
 
     def _train_set_size(self) -> int | None:
@@ -143,10 +147,24 @@ class PatchCore(AnomalyModule):
     def on_train_epoch_end(self) -> None:
         group_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         fit, self._fit = self._fit, None
+        if self.crossfit is not None:  # out-of-sample scores first; the final bank does not depend on them
+            self.out_of_sample = self.crossfit.run(
+                fit.prepare(group_device), lambda train, held: self._score_fold(fit, train, held, group_device),
+                group_device)
         bank, n = fit.select(self.hparams.coreset_ratio, self.hparams.num_starts, group_device)
         self.model.fit(bank.to(self.device))
         self.print(f"PatchCore: {n} train patches -> memory bank {bank.shape[0]}")
         self.trainer.should_stop = True  # one pass over the data is the whole fit
+
+    def _score_fold(self, fit: "_StreamingBank", train: torch.Tensor, held: torch.Tensor,
+                    group_device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Cross-fitting hook: the coreset of the ``train`` images' patches, then the maps and
+        scores of the ``held`` images from their stored embeddings (no backbone pass)."""
+        bank = fit.select_subset(train, self.hparams.coreset_ratio, self.hparams.num_starts, group_device)
+        self.model.fit(bank.to(self.device))
+        for index, embedding in fit.rows_of(held, batch=16):
+            amap, score = self.model.score_embedding(embedding.to(self.device), fit.grid, fit.input_size)
+            yield index, amap, score
 
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.feature_extractor(images)
@@ -240,6 +258,11 @@ class _StreamingBank:
         self.spill = tempfile.TemporaryFile(prefix="patchcore_bank_")  # full rows, float32, first arrivals
         self.spilled = 0  # images in the file
         self.patches: int | None = None
+        self.grid: tuple[int, int] | None = None  # patch grid and input size: the maps of cross-fitting
+        self.input_size: tuple[int, int] | None = None
+        self._present: torch.Tensor | None = None  # after prepare(): present images, their owner rank
+        self._owner: torch.Tensor | None = None
+        self._rank = 0
 
     def _grow(self, images: int) -> None:
         """Make room for ``images`` images (zero columns); the layout stays (d', N_pad) contiguous."""
@@ -336,35 +359,72 @@ class _StreamingBank:
         self.sq_norms[n:] = 0.0
         return flat[: dproj * n_pad].view(dproj, n_pad), self.sq_norms[:n_pad]
 
+    def prepare(self, group_device: torch.device) -> torch.Tensor:
+        """Combine the ranks' buffers once (distributed) and return the present images (dataset order)."""
+        if self._present is None:
+            if self.patches is None and not is_distributed():
+                raise ValueError("PatchCore fit: no training batch was seen.")
+            if is_distributed():
+                self._owner = self._combine_ranks(group_device)
+                self._rank = torch.distributed.get_rank()
+                present = self._owner < torch.distributed.get_world_size()
+            else:
+                present = self.spill_image >= 0
+                self._owner = torch.where(present, 0, 1)
+            self._present = torch.nonzero(present).view(-1)
+        return self._present
+
     def select(self, ratio: float, num_starts: int, group_device: torch.device) -> tuple[torch.Tensor, int]:
         """(coreset rows (M, D) float32 CPU in selection order, number of train patches N)."""
-        if self.patches is None and not is_distributed():
-            raise ValueError("PatchCore fit: no training batch was seen.")
-        rank = 0
-        if is_distributed():
-            owner = self._combine_ranks(group_device)
-            rank = torch.distributed.get_rank()
-            present = owner < torch.distributed.get_world_size()
-        else:
-            present = self.spill_image >= 0
-            owner = torch.where(present, 0, 1)
+        images = self.prepare(group_device)
         p = self.patches
-        images = torch.nonzero(present).view(-1)  # dataset order
         n = images.numel() * p
         projected_t, sq_norms = self._compact(images)
         self.projected_t = self.sq_norms = None
         projected_t, sq_norms = projected_t.to(self.device), sq_norms.to(self.device)  # no copy on CPU
         keep = greedy_coreset_from_projection(projected_t, sq_norms, n, ratio, self.generator, num_starts).cpu()
         del projected_t, sq_norms
-        # dataset row -> (image, patch); full rows come from the rank that owns the image
-        image, patch = images[keep // p], keep % p
-        mine = owner[image] == rank
-        rows = _read_rows(self.spill, (self.spill_image[image[mine]] * p + patch[mine]).numpy(), self.dim)
+        bank = self._full_rows(images[keep // p], keep % p, group_device)
         self.spill.close()
+        return bank, n
+
+    def select_subset(self, images: torch.Tensor, ratio: float, num_starts: int,
+                      group_device: torch.device) -> torch.Tensor:
+        """The coreset rows of ``images`` alone (sorted dataset indices, e.g. the other folds): what a
+        fit on those images only selects (same projection, same generator state, same column
+        order). The buffer, the generator and the spill are left as they are for ``select``."""
+        self.prepare(group_device)
+        p = self.patches
+        n = images.numel() * p
+        cols = (images[:, None] * p + torch.arange(p)).reshape(-1)
+        projected_t = torch.zeros(self.dproj, _round_up(n, _ROW_ALIGN), dtype=torch.float32)
+        projected_t[:, :n] = self.projected_t.index_select(1, cols)
+        sq_norms = torch.zeros(projected_t.shape[1], dtype=torch.float32)
+        sq_norms[:n] = self.sq_norms[cols]
+        generator = torch.Generator(device=self.generator.device)
+        generator.set_state(self.generator.get_state())
+        keep = greedy_coreset_from_projection(projected_t.to(self.device), sq_norms.to(self.device), n, ratio,
+                                              generator, num_starts).cpu()
+        del projected_t, sq_norms
+        return self._full_rows(images[keep // p], keep % p, group_device)
+
+    def rows_of(self, images: torch.Tensor, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(indices, full embeddings (b, P, D)) of the ``images`` this rank holds, ``batch`` at a time."""
+        mine = images[self._owner[images] == self._rank]
+        p = self.patches
+        for start in range(0, mine.numel(), batch):
+            idx = mine[start:start + batch]
+            rows = (self.spill_image[idx][:, None] * p + torch.arange(p)).reshape(-1)
+            yield idx, _read_rows(self.spill, rows.numpy(), self.dim).view(idx.numel(), p, self.dim)
+
+    def _full_rows(self, image: torch.Tensor, patch: torch.Tensor, group_device: torch.device) -> torch.Tensor:
+        """Full rows of (image, patch) pairs in their order; each from the rank that owns the image."""
+        mine = self._owner[image] == self._rank
+        rows = _read_rows(self.spill, (self.spill_image[image[mine]] * self.patches + patch[mine]).numpy(), self.dim)
         if not is_distributed():
-            return rows, n
+            return rows
         positions = gather_rows(torch.nonzero(mine)[:, 0][:, None], group_device)[:, 0]
         rows = gather_rows(rows, group_device)
-        bank = torch.empty(keep.numel(), self.dim, dtype=torch.float32)
+        bank = torch.empty(image.numel(), self.dim, dtype=torch.float32)
         bank[positions] = rows
-        return bank, n
+        return bank

@@ -9,9 +9,10 @@ Spec: ``specs/anomalyclip.md``. Pieces:
   state dict gives a tiny model. Only safe loaders: ``torch.jit.load(...).state_dict()``,
   ``torch.load(weights_only=True)`` or safetensors.
 - Image tower (:meth:`AnomalyCLIPModel.encode_image`): our own block loop over open_clip's modules
-  (no monkeypatching). ``x_ori`` is each block's own ``forward`` (so it is open_clip's stream bit
-  for bit); from block ``dpam_start`` on a second stream ``x_vv`` adds the V-V attention of
-  ``ln_1(x_ori_prev)`` with the block's own qkv / out_proj weights and no FFN (spec §3, DPAM).
+  (no monkeypatching). ``x_ori`` follows open_clip's block maths (:func:`block_forward`; equal to
+  its stream to float rounding); from block ``dpam_start`` on a second stream ``x_vv`` adds the
+  V-V attention of ``ln_1(x_ori_prev)`` with the block's own qkv / out_proj weights and no FFN
+  (spec §3, DPAM), sharing ``ln_1`` and the qkv projection with the original stream.
 - Text tower (:meth:`AnomalyCLIPModel.text_features`): the learnable prompt learner
   (:class:`PromptLearner`, 12 + 12 context vectors, 8 compound prompts of (4, width) injected into
   text layers 1-8) and our own text block loop.
@@ -360,10 +361,11 @@ class AnomalyCLIPModel(nn.Module):
         x_vv: Tensor | None = None
         local: dict[int, Tensor] = {}
         for i, block in enumerate(v.transformer.resblocks, start=1):
-            if dpam and i >= self.dpam_start:
-                vv = vv_attention(block, x_ori)  # from ln_1 of the ORIGINAL stream entering block i
+            with_vv = dpam and i >= self.dpam_start
+            x_next, vv = block_forward(block, x_ori, with_vv)  # vv from ln_1 of the ORIGINAL stream
+            if vv is not None:
                 x_vv = (x_ori if x_vv is None else x_vv) + vv  # out of place: no aliasing between layers
-            x_ori = block(x_ori)  # open_clip's own block forward: x_ori is untouched by DPAM
+            x_ori = x_next  # open_clip's block maths: x_ori is untouched by DPAM
             if i in self.features_list and x_vv is not None:
                 local[i] = (v.ln_post(x_vv) @ v.proj)[:, 1:]
         glob = x_ori[:, 0] @ v.proj
@@ -383,6 +385,41 @@ class AnomalyCLIPModel(nn.Module):
             s = probs.transpose(1, 2).reshape(probs.shape[0], 2, self.grid, self.grid)
             maps.append(F.interpolate(s, size=images.shape[-2:], mode="bilinear", align_corners=False))
         return logits, maps
+
+
+def _fusable(block: nn.Module) -> bool:
+    """An open_clip ``ResidualAttentionBlock`` with a batch-first self-attention of packed qkv
+    weights (CLIP's vision blocks): :func:`block_forward` may compute it with shared ln_1 / qkv."""
+    attn = getattr(block, "attn", None)
+    return (type(attn) is nn.MultiheadAttention and attn.batch_first and attn._qkv_same_embed_dim
+            and attn.bias_k is None and not attn.add_zero_attn and not hasattr(block, "ln_1_kv")
+            and all(hasattr(block, n) for n in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")))
+
+
+def block_forward(block: nn.Module, x: Tensor, with_vv: bool) -> tuple[Tensor, Tensor | None]:
+    """One vision block on the original stream ``x`` and, with ``with_vv``, its DPAM V-V path.
+
+    The same maths as open_clip's ``ResidualAttentionBlock.forward`` (``x + ls_1(attn(ln_1(x)))``,
+    then ``+ ls_2(mlp(ln_2(.)))``) and :func:`vv_attention`, computed once: ``ln_1(x)`` and the
+    packed qkv projection are shared by both attentions (the V-V path reuses ``v``), both run as
+    fused ``F.scaled_dot_product_attention``. Blocks of another kind take open_clip's forward and
+    :func:`vv_attention` (same values, no sharing). Eval only (no attention dropout)."""
+    if not _fusable(block):
+        vv = vv_attention(block, x) if with_vv else None
+        return block(x), vv
+    attn = block.attn
+    b, n, c = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
+
+    def project(o: Tensor) -> Tensor:  # (B, H, N, d) -> out_proj -> LayerScale
+        return block.ls_1(F.linear(o.transpose(1, 2).reshape(b, n, c), attn.out_proj.weight, attn.out_proj.bias))
+
+    out = x + project(F.scaled_dot_product_attention(q, k, v))
+    out = out + block.ls_2(block.mlp(block.ln_2(out)))
+    vv = project(F.scaled_dot_product_attention(v, v, v)) if with_vv else None  # softmax(v v^T d^-1/2) v
+    return out, vv
 
 
 def vv_attention(block: nn.Module, x: Tensor) -> Tensor:

@@ -61,20 +61,28 @@ class PaDiMModel(nn.Module):
                                       error_msgs)
 
     @torch.no_grad()
-    def fit(self, features: Sequence[Tensor]) -> "PaDiMModel":
-        """features: per group (N, d, h, w) train features (any device; computed in position chunks)."""
+    def fit(self, features: Sequence[Tensor], rows: Tensor | None = None) -> "PaDiMModel":
+        """features: per group (N, d, h, w) train features (any device; computed in position chunks);
+        ``rows``: fit on these images only (cross-fitting folds), without copying the others."""
         if len(features) != self.groups:
             raise ValueError(f"PaDiMModel.fit: {len(features)} feature groups, expected {self.groups}")
         for g, feat in enumerate(features):
             n, d, h, w = feat.shape
+            x = feat.reshape(n, d, h * w).permute(2, 0, 1)  # (P, N, d)
+            if rows is not None:
+                n = rows.numel()
             if n < 2:
                 raise ValueError("PaDiMModel.fit: at least 2 train images are needed for a covariance")
-            x = feat.reshape(n, d, h * w).permute(2, 0, 1)  # (P, N, d)
-            mean = x.mean(dim=1)
+            if rows is None:
+                mean = x.mean(dim=1)
+            else:  # per position chunk: the selected images' rows only
+                mean = torch.cat([x[s:s + self.chunk].index_select(1, rows).mean(dim=1)
+                                  for s in range(0, h * w, self.chunk)])
             cov_inv = torch.empty(h * w, d, d, dtype=torch.float32)
             eye = torch.eye(d, dtype=torch.float64)
             for s in range(0, h * w, self.chunk):
-                xc = (x[s:s + self.chunk] - mean[s:s + self.chunk, None]).double()
+                xs = x[s:s + self.chunk] if rows is None else x[s:s + self.chunk].index_select(1, rows)
+                xc = (xs - mean[s:s + self.chunk, None]).double()
                 cov = xc.transpose(1, 2) @ xc / (n - 1) + self.eps * eye  # np.cov (unbiased) + 0.01 I
                 chol, info = torch.linalg.cholesky_ex(cov)  # SPD (eps * I): Cholesky, stabler than LU
                 if bool((info > 0).any()) or not bool(torch.isfinite(cov).all()):

@@ -460,6 +460,13 @@ class PatchCoreModel(nn.Module):
         if isinstance(input_size, int):
             input_size = (input_size, input_size)
         embedding, grid = self.embed(features)
+        return self.score_embedding(embedding, grid, input_size)
+
+    @torch.no_grad()
+    def score_embedding(self, embedding: Tensor, grid: tuple[int, int],
+                        input_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """``predict`` from patch embeddings (B, H * W, D) already computed (cross-fitting scores
+        the stored train embeddings against fold banks with it)."""
         scores, nn_index = self.patch_scores(embedding)
         if self.paper_reweighting:
             image_scores = self.reweighted_image_scores(embedding, scores, nn_index)

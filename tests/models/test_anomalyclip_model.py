@@ -275,3 +275,34 @@ def test_fp16_prompts_round_the_compound_prompts_as_numpy_float16(tiny):
         with torch.no_grad():
             for p, s in zip(pl.compound, saved):
                 p.copy_(s)
+
+
+def test_fused_block_forward_equals_open_clips_block_and_the_vv_path(native):
+    """block_forward shares ln_1 and the qkv projection between the original stream and the DPAM
+    V-V path: the same values as open_clip's own block forward and vv_attention, also on an input
+    that is not CLIP's (large norms), and for a block that cannot be fused (the fallback)."""
+    from iad_lightning.models.anomalyclip import _fusable, block_forward
+
+    block = native.clip.visual.transformer.resblocks[2]
+    assert _fusable(block)
+    x = torch.randn(3, 17, 128) * torch.tensor([0.1, 1.0, 30.0]).view(3, 1, 1)
+    with torch.no_grad():
+        out, vv = block_forward(block, x, with_vv=True)
+        plain, none = block_forward(block, x, with_vv=False)
+        torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vv, vv_attention(block, x), rtol=1e-5, atol=1e-5)
+        assert none is None and torch.equal(plain, out)  # the original stream does not depend on DPAM
+
+        class Wrapped(torch.nn.Module):  # not an open_clip block: open_clip's forward + vv_attention
+            def __init__(self, inner):
+                super().__init__()
+                self.inner, self.ln_1, self.attn, self.ls_1 = inner, inner.ln_1, inner.attn, inner.ls_1
+
+            def forward(self, x):
+                return self.inner(x)
+
+        other = Wrapped(block)
+        assert not _fusable(other)
+        out2, vv2 = block_forward(other, x, with_vv=True)
+    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vv2, vv, rtol=1e-5, atol=1e-5)

@@ -67,8 +67,9 @@ def test_train_writes_results_checkpoint_and_overlays(trained):
     assert (trained / "checkpoints" / "last.ckpt").is_file()
     assert sorted(p.name for p in (trained / "images").glob("*_grid.png")) == ["bottle_grid.png", "cable_grid.png"]
     assert (trained / "csv" / "metrics.csv").read_text().count("test/mean/image_auroc") == 1
-    plots = sorted(p.name for p in (trained / "plots").glob("*.png"))  # ROC, PRO per category, bar chart
-    assert plots == ["bottle_pro.png", "bottle_roc.png", "cable_pro.png", "cable_roc.png", "metrics.png"]
+    plots = sorted(p.name for p in (trained / "plots").glob("*.png"))  # ROC, PRO, calibration per category, bars
+    assert plots == ["bottle_calibration.png", "bottle_pro.png", "bottle_roc.png", "cable_calibration.png",
+                     "cable_pro.png", "cable_roc.png", "metrics.png"]
 
 
 def test_checkpoint_is_safe_and_test_py_reproduces_without_refit(trained, mvtec_root, tmp_path):

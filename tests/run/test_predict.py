@@ -1,9 +1,9 @@
 """Calibrated thresholds (train.py / test.py), predict.py on messy folders, resume, and ONNX predict.
 
 One tiny PatchCore run (module fixture) serves every test: one MVTec-layout category, 10 train
-good images of which threshold.holdout_fraction=0.2 (2 images) are held out for calibration, so the
-requested image false-alarm rate 0.01 cannot be measured and is clamped to 0 (threshold = the
-largest held-out normal score).
+good images of which threshold.holdout_fraction=0.2 (2 images) are held out for calibration
+(threshold.folds=0: the held-out path, not cross-fitting), so the requested image false-alarm rate
+0.01 cannot be resolved and, too few for a tail fit, the threshold is the largest held-out score.
 """
 
 import csv
@@ -45,22 +45,26 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("run")
-    proc = run("train.py", "data=mvtec", f"data.root={data_root}", *TINY, "threshold.holdout_fraction=0.2",
+    proc = run("train.py", "data=mvtec", f"data.root={data_root}", *TINY, "threshold.holdout_fraction=0.2", "threshold.folds=0",
                "logger=none", f"hydra.run.dir={out}")
     return out, proc
 
 
 def test_train_calibrates_on_held_out_normals_with_a_clamped_rate(trained, data_root, tmp_path):
     out, proc = trained
-    assert "cannot measure a false-alarm rate of 0.01" in proc.stderr and "closest supported rate 0" in proc.stderr
+    assert "2 normal images cannot resolve a false-alarm rate of 0.01 (that needs >= 100)" in proc.stderr
+    assert "the largest of the 2 scores" in proc.stderr and "hold out more normal images" in proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert set(res["categories"]["bottle"]) == set(METRIC_KEYS) and set(res["mean"]) == set(METRIC_KEYS)
     cal = res["calibrated"]
     assert set(cal["categories"]["bottle"]) == set(CALIBRATED_KEYS) and set(cal["mean"]) == set(CALIBRATED_KEYS)
     assert all(v is not None and 0.0 <= v <= 1.0 for v in cal["categories"]["bottle"].values()), cal
     thr = cal["thresholds"]
-    assert thr["held_out_images"] == 2 and thr["image_fpr_held_out"] == 0.0 and thr["image_normal_fpr"] == 0.01
-    assert thr["held_out_pixels"] == 2 * 64 * 64 and 0.0 < thr["pixel_fpr_held_out"] <= 0.01
+    assert thr["normal_images"] == 2 and thr["image_normal_fpr"] == 0.01 and thr["source"].startswith("held-out")
+    image, pixel = thr["global"]["image"], thr["global"]["pixel"]
+    assert image["fpr_calibration"] == 0.0 and image["rule"] == "max" and image["determined_by"] == 1
+    assert image["fpr_interval"] == [0.0, pytest.approx(1 - 0.025 ** 0.5)]  # Clopper-Pearson, 0 of 2
+    assert pixel["normal_values"] == 2 * 64 * 64 and 0.0 < pixel["fpr_calibration"] <= 0.01
     # the thresholds are buffers of the checkpoint (weights_only) and equal the held-out maxima
     sd = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert float(sd["image_threshold"]) == pytest.approx(thr["image_threshold"])
