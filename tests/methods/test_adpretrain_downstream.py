@@ -122,8 +122,8 @@ def test_reference_set_in_the_8shot_layout_and_resize_backend_of_the_banks(tmp_p
     train = [Record(image=r.image, label=0, category=r.category, split="train") for r in recs]  # names the classes
     lite0 = {"name": "tf_efficientnet_lite0", "weights": "lite0"}
     ext, size = build_extractor(lite0, str(projector_path), (0, 1, 2, 3))
-    n = set_reference_bank(ext, train, 4, 0, 28, torch.device("cpu"), reference_set=str(shots))
-    assert n == 8 and ext.bank_categories == ["bottle", "screw"]  # the first 4 by name per class (num_ref_shot)
+    n = set_reference_bank(ext, train, 4, 0, 28, torch.device("cpu"), reference_set=str(shots))  # the records
+    assert len(n) == 8 and ext.bank_categories == ["bottle", "screw"]  # the first 4 by name per class (num_ref_shot)
     assert ext.bank_l1.shape == (8 * 2 * 2, 24)
     # the bank images follow the plug-in method's resize backend and filter
     banks = {}
