@@ -286,7 +286,7 @@ def held_out_scores(module: Any, datamodule: Any, batch_size: int = 16) -> Norma
     module.eval()
     collector = ScoreCollector()
     for batch in loader:
-        out = module._predict_with_size({"image": batch["image"].to(module.device)})
+        out = module._predict_with_size({"image": batch["image"].to(module.device), "category": batch.get("category")})
         collector.add(batch["index"], out["anomaly_map"], out["pred_score"])
     module.train(was_training)
     group = module.device if module.device.type == "cuda" else torch.device("cpu")

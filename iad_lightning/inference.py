@@ -39,7 +39,7 @@ from PIL import Image
 
 from iad_lightning.calibration import normalize
 from iad_lightning.data.geometry import PREPROCESS_KEY, preprocess_from_dict
-from iad_lightning.data.io import array_to_rgb8, load_image, to_rgb8
+from iad_lightning.data.io import array_to_rgb8, load_image, load_image_8bit, to_8bit, to_rgb8
 from iad_lightning.data.transforms import PairTransform, Preprocess
 from iad_lightning.errors import ConfigError
 
@@ -57,6 +57,18 @@ def as_rgb8(image: ImageLike, name: str | None = None) -> Image.Image:
     if isinstance(image, np.ndarray):
         return array_to_rgb8(image, name or "array")
     raise ConfigError(f"cannot predict on a {type(image).__name__}: pass file paths, PIL images or numpy arrays")
+
+
+def as_image8(image: ImageLike, name: str | None = None) -> Image.Image:
+    """Like ``as_rgb8`` but paths and PIL images keep their own 8-bit mode: the preprocessing
+    converts to RGB before or after its resize (``Preprocess.rgb_after_resize``)."""
+    if isinstance(image, (str, Path)):
+        return load_image_8bit(image)
+    if isinstance(image, Image.Image):
+        image.load()
+        to_rgb8(image, name or "PIL image")  # fails early, naming the input, on a mode with no RGB
+        return to_8bit(image)
+    return as_rgb8(image, name)
 
 
 @dataclass
@@ -249,7 +261,7 @@ class Predictor:
         cats = [category] * len(images) if category is None or isinstance(category, str) else list(category)
         if len(cats) != len(images):
             raise ConfigError(f"category: {len(cats)} names for {len(images)} images; give one name or one per image")
-        tensors = [self.to_tensor(as_rgb8(im, f"image {i}")) for i, im in enumerate(images)]
+        tensors = [self.to_tensor(as_image8(im, f"image {i}")) for i, im in enumerate(images)]
         maps: list[np.ndarray] = []
         scores = []
         for start in range(0, len(tensors), batch_size):

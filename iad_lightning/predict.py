@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from iad_lightning.colors import jet
 from iad_lightning.data.geometry import describe_preprocess
-from iad_lightning.data.io import load_image
+from iad_lightning.data.io import load_image_8bit
 from iad_lightning.errors import ConfigError, DatasetError
 from iad_lightning.inference import Predictor, load
 
@@ -85,10 +85,11 @@ class _Files(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
-            image = load_image(self.files[i])
+            image = load_image_8bit(self.files[i])  # RGB in the preprocessing (before or after its resize)
+            tensor = self.predictor.to_tensor(image)
         except DatasetError as err:
             return {"i": i, "tensor": None, "size": ("", ""), "error": str(err)}
-        return {"i": i, "tensor": self.predictor.to_tensor(image), "size": image.size, "error": ""}
+        return {"i": i, "tensor": tensor, "size": image.size, "error": ""}
 
 
 def _done_paths(csv_path: Path) -> set[str]:

@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from iad_lightning.data.io import load_image, load_mask
+from iad_lightning.data.io import load_image_8bit, load_mask
 from iad_lightning.data.records import Record
 from iad_lightning.data.transforms import PairTransform, Preprocess
 
@@ -32,7 +32,7 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
         with single_thread():
-            image = load_image(rec.image)
+            image = load_image_8bit(rec.image)  # RGB in the transform (before or after the resize)
             mask = load_mask(rec.masks, image.size, rec.mask_threshold, image_path=rec.image)
             image_t, mask_t, kept = self.transform.apply(image, mask)
         return {

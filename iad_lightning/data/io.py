@@ -53,6 +53,18 @@ def _to_8bit_grey(im: Image.Image) -> Image.Image:
     return im
 
 
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and float single-channel images scaled to 8-bit 'L' (``load_image``'s rule); others as they are."""
+    return _to_8bit_grey(im)
+
+
+def load_image_8bit(path: str | Path) -> Image.Image:
+    """Load an image file decoded in its own mode (L, P, RGBA, RGB, ...), 16-bit and float data
+    scaled to 8-bit grey as in ``load_image``, but not converted to RGB: for preprocessing that
+    resizes first and converts afterwards (``Preprocess.rgb_after_resize``); ``to_rgb8`` finishes it."""
+    return _to_8bit_grey(_open(path, "image"))
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Load any image file as 8-bit RGB.
 

@@ -9,13 +9,18 @@ authors' choice, ``test`` for MVTec-layout sets). Per batch: ``num_shot`` is dra
 (and, on Real-IAD, its camera view C1..C5) drawn with replacement from the datamodule's *train
 good* images; two colour-augmented views (MoCo transform, no geometry, one shared mask) go through
 the frozen backbone, residuals against the bank, the projector and the summed angle + norm loss.
-Batches without an abnormal pixel are skipped. Adam lr 1e-4 wd 5e-4, x0.1 at epochs 7 and 9.
+A batch without an abnormal image (label) is skipped, as in the authors' code. Adam lr 1e-4 wd 5e-4,
+x0.1 at epochs 7 and 9. Centres: fp32 residuals of un-augmented normal images against 4-shot banks
+drawn with replacement (an image may be drawn into its own bank, as the authors' code allows).
 
 The run writes ``projector.pt`` (weights, backbone name, levels, image size, centres; loadable with
 ``weights_only``) for ``method.projector=PATH`` of PatchCore / PaDiM / FeatureNorm.
 
-Deviations (documented, spec section 6): images are resized bilinearly (the shared ``Preprocess``),
-the authors use bicubic; the last partial batch is kept (the authors drop it); the views are
+Images: the authors' Pillow bicubic Resize(224) + CenterCrop(224) (``resize_backend=pil``).
+``param_dtype=bf16`` casts the projector to bf16 before Adam as the authors do; the default keeps
+fp32 weights under bf16 autocast.
+
+Deviations (documented, spec section 6): the last partial batch is kept (the authors drop it); the views are
 normalised with the backbone's own statistics (the authors' MoCoTransform always uses CLIP's, a quirk
 reproduced by ``clip_normalised_views=true``); MVTec test-set model selection (``selection``) is off.
 """
@@ -87,6 +92,8 @@ class ADPretrain(AnomalyModule):
         milestones: list[int] = (7, 9),
         gamma: float = 0.1,
         bf16: str | bool = "auto",
+        param_dtype: str = "fp32",
+        resize_backend: str = "pil",
         clip_normalised_views: bool = False,
         cache_references: bool = False,
         projector_path: str | None = None,
@@ -96,6 +103,10 @@ class ADPretrain(AnomalyModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])  # a partial (not safe to pickle); its config is in method_config
         self.model = model(backbone=LevelBackbone(**backbone))
+        if param_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"method.param_dtype='{param_dtype}' must be fp32 or bf16")
+        if param_dtype == "bf16":  # the authors cast the projector itself to bf16 before Adam
+            self.model.projector.to(torch.bfloat16)
         self.augment = moco_transform()
         self._rng = np.random.default_rng(seed)
         self._pools: dict[tuple, list[int]] = {}
@@ -108,7 +119,9 @@ class ADPretrain(AnomalyModule):
     @property
     def preprocess(self) -> Preprocess:
         s, bb = self.hparams.image_size, self.model.backbone
-        return Preprocess(resize=s, crop=s, mean=bb.mean, std=bb.std)  # Resize(224) + CenterCrop(224)
+        # authors: Resize(224, bicubic) on the PIL image + CenterCrop(224); tensor: the float-tensor resize
+        return Preprocess(resize=s, crop=s, mean=bb.mean, std=bb.std, resize_backend=self.hparams.resize_backend,
+                          interpolation="bicubic")
 
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         raise ConfigError("method=adpretrain only pretrains a projector (test=false); evaluate it with "
@@ -158,14 +171,12 @@ class ADPretrain(AnomalyModule):
             self._ref_cache.update(got)
         return out
 
-    def _banks(self, categories: list[str], paths: list[str], shots: int, exclude: list[str] | None = None) -> list:
-        """Per-image banks (B, shots * h * w, C) per level, drawn with replacement (spec section 3)."""
+    def _banks(self, categories: list[str], paths: list[str], shots: int) -> list:
+        """Per-image banks (B, shots * h * w, C) per level, drawn with replacement (spec section 3);
+        as in the authors' code an image may be drawn into its own bank (Real-IAD: fit = all images)."""
         draws = []
-        for j, (cat, path) in enumerate(zip(categories, paths)):
-            pool = self._pool(cat, path)
-            if exclude is not None:  # centre images come from the pool itself: never match themselves
-                pool = [i for i in pool if self._ref_dataset.records[i].image != exclude[j]] or pool
-            draws.append(self._rng.choice(pool, size=shots, replace=True).tolist())
+        for cat, path in zip(categories, paths):
+            draws.append(self._rng.choice(self._pool(cat, path), size=shots, replace=True).tolist())
         feats = self._reference_features([i for d in draws for i in d])
         b = len(categories)
         return [bank_tokens([f])[0].view(b, -1, f.shape[1]) for f in feats]
@@ -189,9 +200,8 @@ class ADPretrain(AnomalyModule):
             items = [data[i] for i in range(s, min(s + 16, len(data)))]
             images = torch.stack([it["image"] for it in items]).to(self.device)
             paths = [it["path"] for it in items]
-            banks = self._banks([it["category"] for it in items], paths, self.hparams.center_shots, exclude=paths)
-            with self._autocast():
-                res = self.model.residuals(images, banks)
+            banks = self._banks([it["category"] for it in items], paths, self.hparams.center_shots)
+            res = self.model.residuals(images, banks)  # fp32, as the authors' get_center_features.py
             for k, r in enumerate(res):
                 sums[k] += r.double().sum(dim=(0, 2, 3))
                 count[k] += r.shape[0] * r.shape[2] * r.shape[3]
@@ -229,7 +239,7 @@ class ADPretrain(AnomalyModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         mask = batch["mask"]
-        if not bool((mask > 0.5).any()):  # authors: batches without an abnormal image are skipped
+        if not bool(torch.as_tensor(batch["label"]).any()):  # authors: a batch without an abnormal label is skipped
             self.skipped_batches += 1
             return None
         shots = int(self._rng.choice(list(self.hparams.num_shots)))  # once per batch

@@ -50,6 +50,7 @@ class AnomalyCLIP(AnomalyModule):
         betas: list[float] = (0.5, 0.999),
         sigma: float = 4.0,
         prompt_checkpoint: str | None = None,
+        resize_backend: str = "pil",
         backbone: dict[str, Any] | None = None,  # unused: the global backbone group writes it (CNN methods)
     ) -> None:
         super().__init__()
@@ -63,8 +64,13 @@ class AnomalyCLIP(AnomalyModule):
     @property
     def preprocess(self) -> Preprocess:
         size = self.model.image_size
-        # exact (S, S) resize, no crop (spec §3; bilinear+antialias here vs official bicubic: README)
-        return Preprocess(resize=(size, size), crop=None, mean=OPENAI_MEAN, std=OPENAI_STD)
+        if self.hparams.resize_backend == "pil":  # official utils.get_transform / dataset.py (spec §3)
+            # Pillow bicubic on the 8-bit image to (S, S), aspect not kept, RGB after the resize; the
+            # 0/255 mask resized bilinearly and binarised at > 0.5
+            return Preprocess(resize=(size, size), crop=None, mean=OPENAI_MEAN, std=OPENAI_STD, resize_backend="pil",
+                              interpolation="bicubic", rgb_after_resize=True, mask_interpolation="bilinear")
+        # tensor: RGB first, antialiased bilinear on the float tensor, nearest mask (before issue 25)
+        return Preprocess(resize=(size, size), crop=None, mean=OPENAI_MEAN, std=OPENAI_STD, resize_backend="tensor")
 
     # -- fit -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

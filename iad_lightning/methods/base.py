@@ -23,6 +23,7 @@ export use.
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack
 from typing import Any
 
 import lightning as L
@@ -127,8 +128,21 @@ class AnomalyModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._predict_with_size(batch)
 
+    def category_scope(self, batch: dict) -> ExitStack:
+        """A context in which the submodules that condition on the class (a ``batch_categories``
+        context manager, e.g. ADPretrain's per-class reference banks) see the batch's category names."""
+        stack = ExitStack()
+        categories = batch.get("category")
+        if categories is not None:
+            for module in self.modules():
+                scope = getattr(module, "batch_categories", None)
+                if module is not self and callable(scope):
+                    stack.enter_context(scope(list(categories)))
+        return stack
+
     def _predict_with_size(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.predict_batch(batch["image"])
+        with self.category_scope(batch):
+            out = self.predict_batch(batch["image"])
         amap = out["anomaly_map"]
         if amap.shape[-2:] != batch["image"].shape[-2:]:  # maps are evaluated at input size
             amap = F.interpolate(amap, size=batch["image"].shape[-2:], mode="bilinear", align_corners=False)

@@ -94,7 +94,7 @@ class Dinomaly(AnomalyModule):
         s = self.hparams.image_size  # exact square resize (no aspect kept), then the centre crop (spec §2)
         grey = self.hparams.eval_protocol == "official"  # masks resized bilinearly, as the official transform
         return Preprocess(resize=(s, s), crop=self.model.crop, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                          resize_backend=self.hparams.resize_backend, mask_interpolation="bilinear" if grey else "nearest")
+                          resize_backend=self.hparams.resize_backend, mask_interpolation="bilinear_grey" if grey else "nearest")
 
     def configure_data(self, datamodule: Any, world_size: int) -> None:
         """Per-device batch = effective batch / world size unless ``data.batch_size`` is set; the

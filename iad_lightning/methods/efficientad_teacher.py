@@ -11,10 +11,15 @@ method.teacher_weights=<that file>`` loads it.
 
 Not an ``AnomalyModule``: it has no anomaly maps and no test step (its config sets ``test: false``).
 
+Resizing follows ``resize_backend``. ``pil`` (default, nelson's order): Pillow's bilinear resize
+of the 8-bit image to 512 px, and the 256 px PDN view a Pillow bilinear resize of that 8-bit view.
+``tensor``: torchvision's antialiased bilinear on float tensors for both.
+
 Deviations (also in the method config):
-- both views come from one loaded 512 px tensor: the 256 px PDN view is an antialiased bilinear
-  resize of it (nelson resizes the PIL image twice). This keeps the one ``RandomGrayscale(0.1)``
-  draw shared by both views with the one-view data pipeline.
+- both views come from one loaded 512 px view: the 256 px PDN view is resized from it (with
+  ``pil``: from its 8 bits, after the grayscale draw), where nelson resizes the original PIL image
+  to 256 directly (two Pillow resizes instead of one for the PDN view). This keeps the one
+  ``RandomGrayscale(0.1)`` draw shared by both views with the one-view data pipeline.
 - the channel mean and std come from one pass over the same ``norm_images`` images
   (var = E[x^2] - mu^2 in float64); nelson draws the images for the std pass afresh from its
   infinite augmented loader.
@@ -96,6 +101,7 @@ class EfficientADTeacher(L.LightningModule):
         pretrain_embed_dimension: int = 1024,
         patch_size: int = 3,
         output: str = "teacher_small.pth",
+        resize_backend: str = "pil",
     ) -> None:
         super().__init__()
         if model_size not in ("small", "medium"):
@@ -124,15 +130,25 @@ class EfficientADTeacher(L.LightningModule):
         once, before the PDN view is derived from the same tensor (``pdn_view``)."""
         s = 2 * self.hparams.image_size
         return Preprocess(resize=(s, s), crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                          extra=(v2.RandomGrayscale(self.hparams.grayscale_p),))
+                          extra=(v2.RandomGrayscale(self.hparams.grayscale_p),),
+                          resize_backend=self.hparams.resize_backend)
 
     def configure_data(self, datamodule: Any, world_size: int) -> None:
         """Nothing to adapt: data.batch_size (16 in the method config) is the per-device batch."""
 
     def pdn_view(self, images: Tensor) -> Tensor:
-        """The 256 px PDN input: an antialiased bilinear resize of the 512 px target view."""
+        """The 256 px PDN input resized from the 512 px target view: with ``resize_backend=pil`` by
+        Pillow's bilinear on its 8-bit values (one image at a time), else torchvision's antialiased
+        bilinear on the float tensor."""
         s = self.hparams.image_size
-        return F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        if self.hparams.resize_backend != "pil":
+            return F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        u8 = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        resize = v2.Resize((s, s), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        small = torch.stack([v2.functional.pil_to_tensor(resize(v2.functional.to_pil_image(x))) for x in u8])
+        return (small.to(images.device, torch.float32) / 255 - mean) / std
 
     # -- target normalisation -----------------------------------------------------------------
     @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 
 from iad_lightning.calibration import pixel_sample
 from iad_lightning.data.transforms import Preprocess
-from iad_lightning.methods._projector import build_extractor, set_kshot_bank
+from iad_lightning.methods._projector import build_extractor, set_reference_bank
 from iad_lightning.methods.base import AnomalyModule
 from iad_lightning.models.adpretrain import FeatureNormInference, ResidualProjectorExtractor, feature_norm
 
@@ -32,7 +32,7 @@ class FeatureNorm(AnomalyModule):
     supports_crossfit = True  # scores the train images outside its k-shot bank (calibration.py)
 
     def __init__(self, backbone: dict[str, Any], projector: str | None = None, shots: int = 8, image_size: int = 224,
-                 blur_sigma: float = 4.0, seed: int = 0) -> None:
+                 blur_sigma: float = 4.0, seed: int = 0, reference_set: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.feature_extractor, self.bank_size = build_extractor(backbone, projector, (0, 1, 2, 3))
@@ -47,10 +47,12 @@ class FeatureNorm(AnomalyModule):
         return None
 
     def on_train_start(self) -> None:
-        bank = set_kshot_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
-                              self.hparams.shots, self.hparams.seed, self.bank_size, self.device)
+        bank = set_reference_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
+                                  self.hparams.shots, self.hparams.seed, self.bank_size, self.device, self.preprocess,
+                                  self.hparams.reference_set)
         self.exclude_from_calibration(bank)
-        self.print(f"FeatureNorm: reference bank from {len(bank)} train good images")
+        source = self.hparams.reference_set or "train good images"
+        self.print(f"FeatureNorm: reference banks from {len(bank)} images ({source})")
         self._scored = []
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -88,8 +90,8 @@ def evaluate_featurenorm(backbone, projector, datamodule, shots: int, seed: int,
     extractor = ResidualProjectorExtractor(backbone, projector, (0, 1, 2, 3)).to(device)
     per_cat = {}
     for cat in datamodule.categories:
-        set_kshot_bank(extractor, [r for r in splits["train"] if r.category == cat], shots, seed,
-                       datamodule.preprocess.crop, device)
+        set_reference_bank(extractor, [r for r in splits["train"] if r.category == cat], shots, seed,
+                           datamodule.preprocess.crop, device, datamodule.preprocess)
         scores, labels, maps, masks = [], [], [], []
         data = datamodule.dataset("test")
         for i, rec in enumerate(data.records):

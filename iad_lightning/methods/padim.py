@@ -28,7 +28,7 @@ class PaDiM(AnomalyModule):
 
     def __init__(self, backbone: dict[str, Any], n_features: int = 550, resize: int = 256, crop: int = 224,
                  eps: float = 0.01, blur_sigma: float = 4.0, subset_seed: int = 1024, projector: str | None = None,
-                 projector_shots: int = 8, seed: int = 0) -> None:
+                 projector_shots: int = 8, reference_set: str | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         if projector is None:
@@ -61,17 +61,19 @@ class PaDiM(AnomalyModule):
 
     def on_train_start(self) -> None:
         if self.hparams.projector is not None:
-            from iad_lightning.methods._projector import set_kshot_bank
+            from iad_lightning.methods._projector import set_reference_bank
 
-            bank = set_kshot_bank(self.features.extractor, self.trainer.datamodule.index_records()["train"],
-                                  self.hparams.projector_shots, self.hparams.seed, self._bank_image_size, self.device)
+            bank = set_reference_bank(self.features.extractor, self.trainer.datamodule.index_records()["train"],
+                                      self.hparams.projector_shots, self.hparams.seed, self._bank_image_size,
+                                      self.device, self.preprocess, self.hparams.reference_set)
             self.exclude_from_calibration(bank)  # in-sample whatever the fold
 
     def on_train_epoch_start(self) -> None:
         self._train, self._index = [], []
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        self._train.append([f.cpu() for f in self.features(batch["image"])])
+        with self.category_scope(batch):  # ADPretrain: each image against its class's bank
+            self._train.append([f.cpu() for f in self.features(batch["image"])])
         self._index.append(batch["index"].cpu())
         self._input_size = tuple(batch["image"].shape[-2:])
 

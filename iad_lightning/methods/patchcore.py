@@ -65,6 +65,7 @@ class PatchCore(AnomalyModule):
         projector: str | None = None,
         projector_shots: int = 8,
         projector_levels: list[int] = (1, 2, 3),
+        reference_set: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < coreset_ratio <= 1.0:
@@ -101,10 +102,11 @@ class PatchCore(AnomalyModule):
 
     def on_train_start(self) -> None:
         if self.hparams.projector is not None:  # the reference bank of the residuals
-            from iad_lightning.methods._projector import set_kshot_bank
+            from iad_lightning.methods._projector import set_reference_bank
 
-            bank = set_kshot_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
-                                  self.hparams.projector_shots, self.hparams.seed, self._bank_image_size, self.device)
+            bank = set_reference_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
+                                      self.hparams.projector_shots, self.hparams.seed, self._bank_image_size,
+                                      self.device, self.preprocess, self.hparams.reference_set)
             self.exclude_from_calibration(bank)  # in-sample whatever the fold
 
     @property
@@ -123,7 +125,8 @@ class PatchCore(AnomalyModule):
         self._fit = None
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        embedding, grid = self.model.embed(self.feature_extractor(batch["image"]))
+        with self.category_scope(batch):  # ADPretrain: each image against its class's bank
+            embedding, grid = self.model.embed(self.feature_extractor(batch["image"]))
         if self._fit is None:
             self._fit = _StreamingBank(embedding.shape[-1], self.hparams.projection_dim, self.hparams.seed,
                                        self._coreset_device(), num_images=self._train_set_size())

@@ -65,6 +65,7 @@ class UniAD(AnomalyModule):
         resize_backend: str = "pil",
         projector: str | None = None,
         projector_shots: int = 8,
+        reference_set: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -123,10 +124,11 @@ class UniAD(AnomalyModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()  # records the fit's preprocessing
         if self.hparams.projector is not None:  # the k-shot reference bank, before any feature is cached
-            from iad_lightning.methods._projector import set_kshot_bank
+            from iad_lightning.methods._projector import set_reference_bank
 
-            set_kshot_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
-                           self.hparams.projector_shots, 0, self._bank_image_size, self.device)
+            set_reference_bank(self.feature_extractor, self.trainer.datamodule.index_records()["train"],
+                               self.hparams.projector_shots, 0, self._bank_image_size, self.device, self.preprocess,
+                               self.hparams.reference_set)
         self._cache.clear()
         self.cache_hits = self.cache_misses = 0
 
@@ -136,11 +138,14 @@ class UniAD(AnomalyModule):
 
     def _train_features(self, batch: dict) -> torch.Tensor:
         if not self.hparams.cache_features:
-            return self.aligned_features(batch["image"])
+            with self.category_scope(batch):  # ADPretrain: each image against its class's bank
+                return self.aligned_features(batch["image"])
         keys = [int(i) for i in batch["index"]]
         missing = [j for j, k in enumerate(keys) if k not in self._cache]
         if missing:
-            fresh = self.aligned_features(batch["image"][missing])
+            cats = batch.get("category")
+            with self.category_scope({"category": None if cats is None else [cats[j] for j in missing]}):
+                fresh = self.aligned_features(batch["image"][missing])
             store = torch.device("cpu") if self.hparams.cache_device == "cpu" else fresh.device
             for j, feat in zip(missing, fresh.to(store)):
                 self._cache[keys[j]] = feat.clone()  # fp32: the features a fresh pass would give

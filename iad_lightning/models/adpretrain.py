@@ -14,14 +14,18 @@ dinov2-base               vit_base_patch14_dinov2.lvd142m             3, 6, 9, 1
 dinov2-large              vit_large_patch14_dinov2.lvd142m            6, 12, 18, 24    1024
 clip-base                 vit_base_patch16_clip_quickgelu_224.openai  3, 6, 9, 12      768
 clip-large                vit_large_patch14_clip_quickgelu_224.openai 6, 12, 18, 24    1024
-tf_efficientnet_lite0     Lite0 stages (timm feature indices 1..4)    strides 4..32    24/40/112/320
+tf_efficientnet_lite0     Lite0 stages (timm feature indices 1..4)    all on 16 x 16   24/40/112/320
 ========================  ==========================================  ===============  =====
 
 ``tf_efficientnet_lite0`` (alias ``lite0``, selected by ``backbone=lite0``) is our **offline
-stand-in**, not part of ADPretrain: its 4 levels sit on different grids (56/28/14/7 at 224) and
-have different widths, so each level's projector takes the largest head count <= 16 that divides
-its C (24 -> 12, 40 -> 10, 112 -> 16, 320 -> 16) and the patch-label threshold scales with the
-patch area (section 5 note in ``patch_label_threshold``). CLIP goes through timm's port of the
+stand-in**, not part of ADPretrain. Its 4 stages sit on grids of stride 4/8/16/32 (56/28/14/7 at
+224); each is resampled (bilinear, antialiased when shrinking) to the grid of a patch-14 ViT, 16 x 16
+at 224, so every level has DINOv2-B/L's 256 tokens per image. Why: the projector's cost grows with the
+tokens (attention to its 2,048 reference tokens, the angle loss's 2N x 2N products): the raw stride-4
+stage (3,136 tokens) made pretraining at batch 32 need tens of GB, and the 14 px cells keep the
+authors' patch-label rule (> 32 of 196 mask pixels) as it is. The widths stay different, so each
+level's projector takes the largest head count <= 16 that divides its C (24 -> 12, 40 -> 10,
+112 -> 16, 320 -> 16). CLIP goes through timm's port of the
 OpenAI weights (the spec suggests open_clip; same weights and QuickGELU, timm is what we ship).
 ImageBind is not offered (no timm port).
 """
@@ -30,17 +34,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from iad_lightning.errors import ConfigError, WeightsError
+from iad_lightning.safe_load import NUMPY_SCALARS, safe_torch_load
 from iad_lightning.models.backbones import FeatureExtractor, create_timm_model
 
 __all__ = [
@@ -76,6 +83,7 @@ class BackboneSpec:
     std: tuple[float, ...] | None
     kind: str  # "vit" | "cnn"
     dinov2_pos_embed: bool = False
+    token_patch: int | None = None  # cnn: every level resampled to the (H // p, W // p) grid of a patch-p ViT
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -87,7 +95,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "clip-large": BackboneSpec("vit_large_patch14_clip_quickgelu_224.openai", (5, 11, 17, 23), CLIP_MEAN, CLIP_STD,
                                "vit"),
     # offline stand-in: the Lite0 weights' own normalisation (timm pretrained cfg, 0.5 / 0.5)
-    "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", (1, 2, 3, 4), None, None, "cnn"),
+    "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", (1, 2, 3, 4), None, None, "cnn", token_patch=14),
 }
 _ALIASES = {"lite0": "tf_efficientnet_lite0"}
 
@@ -150,7 +158,7 @@ class LevelBackbone(nn.Module):
         if spec.kind == "cnn":
             self.cnn = FeatureExtractor(spec.timm_name, self.levels, weights=weights, mean=mean, std=std)
             self.channels = list(self.cnn.channels)
-            self.reductions = list(self.cnn.reductions)
+            self.reductions = [spec.token_patch] * 4 if spec.token_patch else list(self.cnn.reductions)
             self.mean, self.std = self.cnn.mean, self.cnn.std
             self.vit = None
         else:
@@ -190,7 +198,14 @@ class LevelBackbone(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> list[Tensor]:
         if self.cnn is not None:
-            return self.cnn(images)
+            feats = self.cnn(images)
+            p = self.spec.token_patch
+            if p:  # the stand-in's levels on a patch-p ViT's grid (module docstring)
+                grid = (images.shape[-2] // p, images.shape[-1] // p)
+                feats = [f if tuple(f.shape[-2:]) == grid else
+                         F.interpolate(f, size=grid, mode="bilinear", align_corners=False, antialias=True)
+                         for f in feats]
+            return feats
         return self._vit_forward(images)
 
 
@@ -505,15 +520,14 @@ def load_projector_file(path: str | Path, backbone: str | None = None) -> tuple[
     if not path.is_file():
         raise WeightsError(f"projector file '{path}' does not exist; set method.projector=/path/to/projector.pt "
                            "(written by `python train.py method=adpretrain ...`, or a released checkpoints_*.pth)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(f"could not read projector file '{path}' safely (weights_only): {err}") from err
+    # the authors' main.py stores img_auc / pix_auc / pix_pro as numpy.float64: numpy scalars (and
+    # nothing else beyond tensors and plain containers) are allowed, weights_only stays on
+    blob = safe_torch_load(path, NUMPY_SCALARS, what="projector file")
     if not isinstance(blob, dict) or not isinstance(blob.get("projectors"), dict):
         raise WeightsError(f"projector file '{path}' has no 'projectors' state dict")
     state = {k.removeprefix("module."): v for k, v in blob["projectors"].items()}
     channels, n_ref, n_layers = _infer_layout(state, path)
-    meta = {k: v for k, v in blob.items() if k != "projectors"}
+    meta = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in blob.items() if k != "projectors"}
     if meta.get("backbone") is not None and backbone is not None:
         if canonical_backbone_name(meta["backbone"]) != canonical_backbone_name(backbone):
             raise ConfigError(
@@ -551,8 +565,15 @@ class ResidualProjectorExtractor(nn.Module):
     ``levels`` (0-based of the 4) a method uses, as a list of NCHW maps like ``FeatureExtractor``.
 
     ``projector=None`` gives the baseline features (raw backbone levels, no residual). The bank
-    (per level (K, C) reference patches) is set by ``set_bank`` from k-shot normal images; it is
-    a buffer, so it is saved with the method and reloads at any size.
+    (per level (K, C) reference patches) is set by ``set_bank`` from k-shot normal images, one bank
+    per category: each image is matched against its own category's bank, as the authors'
+    ``train_val_*.py`` do (they run per class; in unified mode every image still uses its class's
+    bank). Categories come with ``forward(images, categories)`` or the ``batch_categories`` context.
+    Without category names (exported graphs, ``predict.py``, the Python API) or for a name with no
+    bank, an image is matched against the banks of all categories together (the nearest reference
+    patch of any class); with one category that is its bank. The banks are buffers (rows of all
+    categories, ``bank_offsets``, the names as UTF-8 ``bank_names``), saved with the method and
+    reloaded at any size.
     """
 
     def __init__(self, backbone: LevelBackbone, projector: MultiScaleProjector | None,
@@ -571,17 +592,33 @@ class ResidualProjectorExtractor(nn.Module):
         self.mean, self.std = backbone.mean, backbone.std
         for k in self.levels:
             self.register_buffer(f"bank_l{k + 1}", torch.empty(0, backbone.channels[k]))
+        self.register_buffer("bank_offsets", torch.zeros(1, dtype=torch.long))  # rows of category i: [o_i, o_i+1)
+        self.register_buffer("bank_names", torch.zeros(0, dtype=torch.uint8))  # "\n"-joined category names
+        self._categories: list[str] | None = None
+        self._warned: set[str] = set()
 
     @property
     def uses_bank(self) -> bool:
         return self.projector is not None
 
+    @property
+    def bank_categories(self) -> list[str]:
+        raw = bytes(self.bank_names.cpu().tolist()).decode("utf-8")
+        return raw.split("\n") if raw else []
+
     def train(self, mode: bool = True) -> "ResidualProjectorExtractor":
         return super().train(False)
 
     @torch.no_grad()
-    def set_bank(self, reference_images: Tensor, batch_size: int = 8) -> None:
-        """Encode the k-shot normal reference images (n, 3, S, S) and store their patches per level."""
+    def set_bank(self, reference_images: Tensor, batch_size: int = 8, categories: Sequence[str] | None = None) -> None:
+        """Encode the k-shot normal reference images (n, 3, S, S) and store their patches per level,
+        grouped by ``categories`` (one name per image; None: one bank)."""
+        names = [""] * len(reference_images) if categories is None else [str(c) for c in categories]
+        if len(names) != len(reference_images):
+            raise ValueError(f"set_bank: {len(names)} category names for {len(reference_images)} images")
+        order = list(dict.fromkeys(names))
+        perm = [i for cat in order for i in range(len(names)) if names[i] == cat]
+        reference_images = reference_images[perm]
         feats = [[] for _ in self.levels]
         for s in range(0, len(reference_images), batch_size):
             out = self.backbone(reference_images[s:s + batch_size])
@@ -589,19 +626,57 @@ class ResidualProjectorExtractor(nn.Module):
                 feats[j].append(out[k])
         for j, k in enumerate(self.levels):
             setattr(self, f"bank_l{k + 1}", bank_tokens([torch.cat(feats[j])])[0].float().contiguous())
+        per_image = feats[0][0].shape[-2] * feats[0][0].shape[-1] if feats[0] else 0
+        counts = [names.count(cat) * per_image for cat in order]
+        self.bank_offsets = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.long,
+                                         device=self.bank_offsets.device)
+        encoded = "\n".join(order).encode("utf-8") if categories is not None else b""
+        self.bank_names = torch.tensor(list(encoded), dtype=torch.uint8, device=self.bank_names.device)
+
+    @contextmanager
+    def batch_categories(self, categories: Sequence[str] | None) -> Iterator[None]:
+        """Within the block, ``forward(images)`` takes these per-image category names."""
+        previous, self._categories = self._categories, (list(categories) if categories is not None else None)
+        try:
+            yield
+        finally:
+            self._categories = previous
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:  # noqa: D401 - torch hook: banks have a data-dependent size
-        for k in self.levels:
-            key = f"{prefix}bank_l{k + 1}"
+        names = [f"bank_l{k + 1}" for k in self.levels] + ["bank_offsets", "bank_names"]
+        for name in names:
+            key = f"{prefix}{name}"
             if isinstance(state_dict.get(key), Tensor):
-                current = getattr(self, f"bank_l{k + 1}")
-                setattr(self, f"bank_l{k + 1}", torch.empty_like(state_dict[key], device=current.device))
+                current = getattr(self, name)
+                setattr(self, name, torch.empty_like(state_dict[key], device=current.device))
+        if f"{prefix}bank_offsets" not in state_dict and f"{prefix}bank_l{self.levels[0] + 1}" in state_dict:
+            # a file from before the per-category banks: one bank
+            rows = state_dict[f"{prefix}bank_l{self.levels[0] + 1}"].shape[0]
+            state_dict = {**state_dict, f"{prefix}bank_offsets": torch.tensor([0, rows]),
+                          f"{prefix}bank_names": torch.zeros(0, dtype=torch.uint8)}
+            self.bank_offsets = torch.zeros(2, dtype=torch.long, device=self.bank_offsets.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _bank_rows(self, category: str | None) -> tuple[int, int] | None:
+        """(start, stop) of a category's bank rows; None: all rows (no name, one bank or unknown name)."""
+        if category is None:
+            return None
+        names = self.bank_categories
+        if len(names) <= 1:
+            return None
+        if category not in names:
+            if category not in self._warned:
+                self._warned.add(category)
+                warnings.warn(f"ADPretrain bank: no reference images of category '{category}' (banks: {names}); "
+                              "its images are matched against the banks of all categories", stacklevel=3)
+            return None
+        i = names.index(category)
+        return int(self.bank_offsets[i]), int(self.bank_offsets[i + 1])
+
     @torch.no_grad()
-    def forward(self, images: Tensor) -> list[Tensor]:
+    def forward(self, images: Tensor, categories: Sequence[str] | None = None) -> list[Tensor]:
         feats = self.backbone(images)
         feats = [feats[k] for k in self.levels]
         if self.projector is None:
@@ -610,7 +685,25 @@ class ResidualProjectorExtractor(nn.Module):
         if any(b.shape[0] == 0 for b in banks):
             raise RuntimeError("ResidualProjectorExtractor: the reference bank is empty; call set_bank(images) "
                                "with k-shot normal images (the method does it in setup) before predicting")
-        res = residual_features(feats, banks)
+        categories = self._categories if categories is None else list(categories)
+        if categories is None:  # no names (exported graphs, predict): the banks of all classes, no Python loop
+            return self.projector(residual_features(feats, banks), self.levels)
+        if len(categories) != len(images):
+            raise ValueError(f"{len(categories)} category names for a batch of {len(images)} images")
+        groups: dict[tuple[int, int] | None, list[int]] = {}
+        for i, cat in enumerate(categories):
+            groups.setdefault(self._bank_rows(cat), []).append(i)
+        if len(groups) == 1:
+            rows = next(iter(groups))
+            res = residual_features(feats, banks if rows is None else [b[rows[0]:rows[1]] for b in banks])
+        else:  # a batch of several categories: each group against its own bank
+            res = [torch.empty_like(f) for f in feats]
+            for rows, idx in groups.items():
+                sel = torch.tensor(idx, device=images.device)
+                part = residual_features([f[sel] for f in feats],
+                                         banks if rows is None else [b[rows[0]:rows[1]] for b in banks])
+                for r, pr in zip(res, part):
+                    r[sel] = pr
         return self.projector(res, self.levels)
 
 
@@ -652,8 +745,9 @@ class ADPretrainModel(nn.Module):
 
     def loss(self, view1: Tensor, view2: Tensor, mask: Tensor, banks: Sequence[Tensor]) -> tuple[Tensor, dict]:
         """Total loss and its per-term sums (detached) for two views sharing ``mask`` (B, 1, H, W)."""
-        e1s = self.projector(self.residuals(view1, banks))
-        e2s = self.projector(self.residuals(view2, banks))
+        dtype = self.projector.l1_proj.x_ref.dtype  # bf16 with method.param_dtype=bf16 (authors' cast)
+        e1s = self.projector([r.to(dtype) for r in self.residuals(view1, banks)])
+        e2s = self.projector([r.to(dtype) for r in self.residuals(view2, banks)])
         total = view1.new_zeros((), dtype=torch.float32)
         parts = {"angle": 0.0, "norm": 0.0}
         for e1, e2, center in zip(e1s, e2s, self.centers):

@@ -44,14 +44,18 @@ def test_round_trips_through_weights_only_torch_load_and_json(pre, tmp_path):
 
 
 def test_a_new_field_round_trips_without_a_change_here():
-    """Another issue adds fields to Preprocess (an interpolation, a colour order): they are stored."""
-    extended = make_dataclass("Extended", [("interpolation", str, field(default="bilinear")),
-                                           ("rgb_after_resize", bool, field(default=False))],
-                              bases=(Preprocess,), frozen=True)
-    pre = extended(resize=(64, 64), crop=None, interpolation="bicubic", rgb_after_resize=True)
+    """Another issue adds fields to Preprocess: they are stored (issue 25's interpolation fields, and a
+    hypothetical colour order)."""
+    pre = Preprocess(resize=(64, 64), crop=None, resize_backend="pil", interpolation="bicubic",
+                     rgb_after_resize=True, mask_interpolation="bilinear")  # AnomalyCLIP's official geometry
     stored = preprocess_to_dict(pre)
     assert stored["interpolation"] == "bicubic" and stored["rgb_after_resize"] is True
-    assert preprocess_from_dict(stored, cls=extended) == pre
+    assert stored["mask_interpolation"] == "bilinear" and preprocess_from_dict(stored) == pre
+    extended = make_dataclass("Extended", [("colour_order", str, field(default="rgb"))], bases=(Preprocess,),
+                              frozen=True)
+    pre = extended(resize=(64, 64), crop=None, colour_order="bgr")
+    stored = preprocess_to_dict(pre)
+    assert stored["colour_order"] == "bgr" and preprocess_from_dict(stored, cls=extended) == pre
 
 
 def test_numpy_scalars_become_plain_and_odd_values_are_refused():

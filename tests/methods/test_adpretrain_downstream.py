@@ -92,3 +92,49 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def _write_images(folder, n, seed, size=(40, 30)):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def test_reference_set_in_the_8shot_layout_and_resize_backend_of_the_banks(tmp_path, projector_path):
+    from pathlib import Path
+
+    from iad_lightning.data.records import Record
+    from iad_lightning.data.transforms import Preprocess
+    from iad_lightning.errors import DatasetError
+    from iad_lightning.methods._projector import build_extractor, reference_set_records, set_reference_bank
+
+    shots = tmp_path / "8shot" / "mvtec"  # the authors' 8shot.zip: <dataset>/<class>/train/good
+    _write_images(shots / "bottle" / "train" / "good", 9, 0)
+    _write_images(shots / "screw" / "train" / "good", 8, 1)
+    recs = reference_set_records(shots, ["bottle", "screw"], 8)
+    assert [Path(r.image).name for r in recs if r.category == "bottle"] == [f"{i:03d}.png" for i in range(8)]
+    with pytest.raises(DatasetError, match="category 'cable'"):
+        reference_set_records(shots, ["cable"], 8)
+    train = [Record(image=r.image, label=0, category=r.category, split="train") for r in recs]  # names the classes
+    lite0 = {"name": "tf_efficientnet_lite0", "weights": "lite0"}
+    ext, size = build_extractor(lite0, str(projector_path), (0, 1, 2, 3))
+    n = set_reference_bank(ext, train, 4, 0, 28, torch.device("cpu"), reference_set=str(shots))  # the records
+    assert len(n) == 8 and ext.bank_categories == ["bottle", "screw"]  # the first 4 by name per class (num_ref_shot)
+    assert ext.bank_l1.shape == (8 * 2 * 2, 24)
+    # the bank images follow the plug-in method's resize backend and filter
+    banks = {}
+    for backend in ("pil", "tensor"):
+        like = Preprocess(resize=28, crop=28, resize_backend=backend)
+        set_reference_bank(ext, train, 4, 0, 28, torch.device("cpu"), like, reference_set=str(shots))
+        banks[backend] = ext.bank_l1.clone()
+    assert not torch.equal(banks["pil"], banks["tensor"])
+    from iad_lightning.data.dataset import AnomalyDataset
+
+    pre = Preprocess(resize=28, crop=28, mean=ext.mean, std=ext.std, resize_backend="pil")
+    images = torch.stack([AnomalyDataset(recs[:4] + recs[8:12], pre)[i]["image"] for i in range(8)])
+    expected = ext.backbone(images)[0]
+    torch.testing.assert_close(banks["pil"], expected.permute(0, 2, 3, 1).reshape(-1, 24))

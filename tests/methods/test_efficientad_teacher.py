@@ -155,3 +155,26 @@ def test_natural_images_are_seeded_rgb_crops(natural, tmp_path):
     again = write_natural_images(tmp_path / "again", n=3, size=64, seed=0)
     assert [p.read_bytes() for p in again] == [f.read_bytes() for f in files[:3]]  # same seed, same crops
     assert len({f.read_bytes() for f in files}) == 16  # all different
+
+
+def test_views_follow_resize_backend():
+    import numpy as np
+    from PIL import Image
+
+    from iad_lightning.data.transforms import PairTransform
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    pil = EfficientADTeacher({**LITE0, "weights": "none"}, image_size=16, grayscale_p=0.0)
+    tensor = EfficientADTeacher({**LITE0, "weights": "none"}, image_size=16, grayscale_p=0.0, resize_backend="tensor")
+    assert pil.preprocess.resize_backend == "pil" and tensor.preprocess.resize_backend == "tensor"
+    big, _ = PairTransform(pil.preprocess)(img, np.zeros((50, 70), bool))
+    # pil: the PDN view is Pillow's bilinear resize of the 8-bit 32 px view, as nelson's PIL pipeline resizes
+    ref_pil = img.resize((32, 32), Image.BILINEAR).resize((16, 16), Image.BILINEAR)
+    expected = v2.functional.normalize(v2.functional.pil_to_tensor(ref_pil).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(pil.pdn_view(big[None])[0], expected, atol=1e-6, rtol=0)
+    # tensor: torchvision's antialiased bilinear on the float view
+    t = tensor.pdn_view(big[None])
+    torch.testing.assert_close(t, torch.nn.functional.interpolate(big[None], size=(16, 16), mode="bilinear",
+                                                                 antialias=True))
+    assert (t - pil.pdn_view(big[None])).abs().max() > 0

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,12 +100,24 @@ def test_norm_loss_band_and_far_abnormal():
     assert float(norm_loss(outside, torch.zeros(3, dtype=torch.bool))) > 0.0
 
 
+class _Pickled:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
 def test_released_checkpoint_layout_loads_and_backbone_is_checked(tmp_path):
     ref = MultiScaleProjector([24, 40, 112, 320], 16, num_ref_tokens=32)
     released = tmp_path / "checkpoints_pro_angle.pth"
-    torch.save({"projectors": ref.state_dict(), "img_auc": 0.9, "pix_auc": 0.9, "pix_pro": 0.8}, released)
+    # as the authors' main.py writes it: sklearn / their AUPRO give numpy.float64 metrics
+    torch.save({"projectors": ref.state_dict(), "img_auc": np.float64(0.9), "pix_auc": np.float64(0.91),
+                "pix_pro": np.float64(0.8)}, released)
     with pytest.warns(UserWarning, match="names no backbone"):
         proj, meta = load_projector_file(released, backbone="lite0")
+    assert meta["pix_auc"] == 0.91 and type(meta["pix_auc"]) is float
+    evil = tmp_path / "evil.pth"  # anything beyond tensors, containers and numpy scalars is refused
+    torch.save({"projectors": ref.state_dict(), "img_auc": _Pickled()}, evil)
+    with pytest.raises(WeightsError, match="could not be loaded safely"):
+        load_projector_file(evil)
     assert proj.channels == [24, 40, 112, 320] and proj.num_heads == [12, 10, 16, 16]
     for k, v in ref.state_dict().items():
         assert torch.equal(proj.state_dict()[k], v)
@@ -161,7 +174,10 @@ def test_dinov2_base_levels_and_patchcore_embedding(dinov2):
 def test_lite0_stand_in_levels():
     bb = LevelBackbone("lite0", weights="lite0", layers=[2, 3])  # a method's extra keys are ignored
     assert bb.channels == [24, 40, 112, 320]
-    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 64, 64))] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    # every level on the grid of a patch-14 ViT: DINOv2-B's 256 tokens per level at 224
+    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 224, 224))] == [(16, 16)] * 4
+    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 56, 56))] == [(4, 4)] * 4
+    assert bb.reductions == [14] * 4
 
 
 def test_pretraining_loss_sets_missing_negatives_to_zero_and_trains_only_the_projector():
@@ -182,3 +198,118 @@ def test_pretraining_loss_sets_missing_negatives_to_zero_and_trains_only_the_pro
     assert parts["angle"] != 0.0 and torch.isfinite(loss)
     assert all(p.grad is not None for p in model.projector.parameters())
     assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def _lite0_extractor(n_ref=16):
+    torch.manual_seed(0)
+    proj = MultiScaleProjector([24, 40, 112, 320], 16, num_ref_tokens=n_ref)
+    return ResidualProjectorExtractor(LevelBackbone("lite0", weights="lite0"), proj, levels=(0, 1, 2, 3))
+
+
+def test_each_image_uses_its_own_class_bank_and_unlabelled_images_all_banks():
+    ext = _lite0_extractor()
+    refs = {"a": torch.randn(2, 3, 56, 56), "b": torch.randn(3, 3, 56, 56) + 1}
+    images = torch.randn(4, 3, 56, 56)
+    # interleaved categories: the banks are grouped by class whatever the order of the images
+    ext.set_bank(torch.cat([refs["b"][:1], refs["a"], refs["b"][1:]]), categories=["b", "a", "a", "b", "b"])
+    assert ext.bank_categories == ["b", "a"] and ext.bank_offsets.tolist() == [0, 48, 80]
+    alone = {}
+    for cat, r in refs.items():
+        one = _lite0_extractor()
+        one.set_bank(r)
+        alone[cat] = one(images)
+    cats = ["a", "b", "b", "a"]
+    out = ext(images, cats)
+    for i, cat in enumerate(cats):
+        for f, g in zip(out, alone[cat]):
+            torch.testing.assert_close(f[i], g[i])
+    merged = _lite0_extractor()
+    merged.set_bank(torch.cat([refs["b"][:1], refs["a"], refs["b"][1:]]))
+    for f, g in zip(ext(images), merged(images)):  # no names: the banks of all classes together
+        torch.testing.assert_close(f, g)
+    with pytest.warns(UserWarning, match="no reference images of category 'c'"):
+        unknown = ext(images, ["c"] * 4)
+    for f, g in zip(unknown, merged(images)):
+        torch.testing.assert_close(f, g)
+    with ext.batch_categories(cats):  # the context the methods use (AnomalyModule.category_scope)
+        for f, g in zip(ext(images), out):
+            assert torch.equal(f, g)
+    fresh = _lite0_extractor()
+    fresh.load_state_dict(ext.state_dict())
+    assert fresh.bank_categories == ["b", "a"] and torch.equal(fresh(images, cats)[2], out[2])
+    legacy = {k: v for k, v in ext.state_dict().items() if k not in ("bank_offsets", "bank_names")}
+    old = _lite0_extractor()
+    old.load_state_dict(legacy)  # a checkpoint from before the per-class banks: one bank
+    for f, g in zip(old(images, cats), merged(images)):
+        torch.testing.assert_close(f, g)
+
+
+def test_category_scope_reaches_the_extractor_inside_a_method():
+    from iad_lightning.methods.base import AnomalyModule
+
+    class _M(AnomalyModule):
+        def __init__(self, ext):
+            super().__init__()
+            self.fe = ext
+
+    ext = _lite0_extractor()
+    ext.set_bank(torch.randn(2, 3, 56, 56), categories=["a", "b"])
+    m, images = _M(ext), torch.randn(2, 3, 56, 56)
+    with m.category_scope({"category": ["b", "a"]}):
+        inside = ext(images)
+    assert ext._categories is None  # restored after the block
+    assert torch.equal(inside[0], ext(images, ["b", "a"])[0])
+    assert not torch.equal(inside[0], ext(images)[0])
+
+
+def test_attention_is_fused_and_equals_nn_multihead_attention_with_gradients():
+    torch.manual_seed(0)
+    layer = MultiLayerAttention(64, 16, num_ref_tokens=300)
+    x = torch.randn(3, 64, 7, 9, requires_grad=True)
+    out = layer(x)
+    out.square().sum().backward()
+    g_ours = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    layer.zero_grad()
+    x2 = x.detach().clone().requires_grad_(True)
+    tokens = x2.flatten(2).transpose(1, 2)
+    refs = layer.ref_proj(layer.x_ref).expand(3, -1, -1)
+    att = layer.layers[0]
+    x1 = tokens - att.cross_attn(tokens, refs, refs, need_weights=False)[0]
+    ref = (att.mlp(x1) + x1).transpose(1, 2).reshape(3, 64, 7, 9)
+    ref.square().sum().backward()
+    g_ref = [p.grad.clone() for p in layer.parameters()] + [x2.grad.clone()]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_param_dtype_bf16_casts_the_projector_as_the_authors_and_trains():
+    import functools
+
+    from iad_lightning.methods.adpretrain import ADPretrain
+    from iad_lightning.models.adpretrain import ADPretrainModel
+
+    lite0 = {"name": "lite0", "weights": "lite0"}
+    part = functools.partial(ADPretrainModel, num_ref_tokens=8)
+    assert all(p.dtype == torch.float32 for p in ADPretrain(lite0, part).model.projector.parameters())
+    with pytest.raises(ConfigError, match="param_dtype='fp16'"):
+        ADPretrain(lite0, part, param_dtype="fp16")
+    method = ADPretrain(lite0, part, param_dtype="bf16")
+    model = method.model
+    assert all(p.dtype == torch.bfloat16 for p in model.projector.parameters())
+    assert model.center_l1.dtype == torch.float32  # centres stay fp32
+    torch.manual_seed(0)
+    views = torch.randn(2, 3, 28, 28), torch.randn(2, 3, 28, 28)
+    banks = [f.permute(0, 2, 3, 1).reshape(1, -1, f.shape[1]).expand(2, -1, -1)
+             for f in model.backbone(torch.randn(1, 3, 28, 28))]
+    mask = torch.zeros(2, 1, 28, 28)
+    mask[0, :, :14, :14] = 1
+    loss, _ = model.loss(*views, mask, banks)
+    loss.backward()
+    assert torch.isfinite(loss) and model.projector.l1_proj.x_ref.grad.dtype == torch.bfloat16
+    opt = method.configure_optimizers()["optimizer"]
+    opt.step()  # Adam on bf16 parameters, as the authors'
+    # the authors' skip rule: a batch without an abnormal *label* is skipped, whatever its masks say
+    skipped = method.skipped_batches
+    assert method.training_step({"mask": torch.ones(2, 1, 28, 28), "label": torch.tensor([0, 0])}, 0) is None
+    assert method.skipped_batches == skipped + 1

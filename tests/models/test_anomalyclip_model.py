@@ -248,6 +248,35 @@ def test_official_prompt_checkpoint_maps_keys_and_ignores_dead_projections(tmp_p
     dst.prompt_learner.load_state_dict(saved)
 
 
+def test_fp16_prompts_round_the_compound_prompts_as_numpy_float16(tiny):
+    import numpy as np
+
+    pl = tiny.prompt_learner
+    saved = [p.detach().clone() for p in pl.compound]
+    try:
+        assert tiny.fp16_prompts  # the default: the official .half() of the compound prompts
+        rounded = tiny.text_features()
+        with torch.no_grad():  # prompts already on the fp16 grid (IEEE round-to-nearest-even, as numpy):
+            for p in pl.compound:  # rounding is then a no-op, on any device
+                p.copy_(torch.from_numpy(p.numpy().astype(np.float16).astype(np.float32)))
+        tiny.fp16_prompts = False
+        exact = tiny.text_features()
+        torch.testing.assert_close(rounded, exact, atol=0, rtol=0)
+        with torch.no_grad():
+            for p, s in zip(pl.compound, saved):
+                p.copy_(s)
+        assert not torch.equal(tiny.text_features(), rounded)  # full precision differs from the rounded prompts
+        tiny.fp16_prompts = True
+        torch.testing.assert_close(tiny.text_features(), rounded, atol=0, rtol=0)
+        grads = torch.autograd.grad(tiny.text_features().sum(), list(pl.compound))  # still trainable
+        assert all(g.abs().sum() > 0 for g in grads)
+    finally:
+        tiny.fp16_prompts = True
+        with torch.no_grad():
+            for p, s in zip(pl.compound, saved):
+                p.copy_(s)
+
+
 def test_fused_block_forward_equals_open_clips_block_and_the_vv_path(native):
     """block_forward shares ln_1 and the qkv projection between the original stream and the DPAM
     V-V path: the same values as open_clip's own block forward and vv_attention, also on an input
