@@ -11,7 +11,9 @@ AUROC (pixel AUROC) on fabric at lr 3e-4: 150 steps 0.917 (0.772), 200 steps 0.9
 steps 0.944 (0.868); the training run takes ~90 s here. With the epoch-seeded train order
 (data/sampler.py, for exact resume) 200 steps measure 0.917 (0.846). At lr 1e-3 the figures jumped between
 0.875 and 0.938 for 40-100 steps, hence the lower lr and more steps. If a change lowers the
-AUROC, raise STEPS before touching the threshold.
+AUROC, raise STEPS before touching the threshold. With the packages installed on 2026-12-07 (lightning
+2.6.6, timm 1.0.31) 200 steps measured 0.875 on code that passed before (a docs-only tree), so STEPS
+is 300, which passes.
 """
 
 import json
@@ -28,8 +30,8 @@ CATEGORY = "fabric"
 SIZE = 96
 TEACHER_SIZE = 64  # the distillation is a smoke run: cheapest size, the weights work at any size
 TEACHER_STEPS = 2
-STEPS = 200
-LR = 3e-4  # 3x the paper's 1e-4: 200 steps instead of 70,000
+STEPS = 300
+LR = 3e-4  # 3x the paper's 1e-4: 300 steps instead of 70,000
 COMMON = [f"data.category={CATEGORY}", "data.num_workers=0", "trainer.accelerator=cpu"]
 
 

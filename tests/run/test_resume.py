@@ -97,7 +97,7 @@ def test_every_run_writes_curve_plots(runs):
     from PIL import Image
 
     plots = runs[0] / "full" / "plots"
-    assert sorted(p.name for p in plots.glob("*.png")) == ["fabric_pro.png", "fabric_roc.png", "metrics.png"]
+    assert sorted(p.name for p in plots.glob("*.png")) == ["fabric_calibration.png", "fabric_pro.png", "fabric_roc.png", "metrics.png"]
     for path in plots.glob("*.png"):
         with Image.open(path) as img:
             assert img.width >= 400 and img.height >= 400 and len(set(img.convert("L").getdata())) > 20  # drawn
