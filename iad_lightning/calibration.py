@@ -208,6 +208,17 @@ def _warn_small(t: Threshold, what: str, where: str, advice: str) -> None:
     )
 
 
+def _rewarn_together(messages: list[str]) -> None:
+    """The small-sample warnings of several categories as ONE warning (a unified run of 15
+    categories would otherwise print 15 near-identical lines): each category's own line, indented."""
+    if len(messages) == 1:
+        warnings.warn(messages[0], stacklevel=2)  # at calibrate_from's line
+    elif messages:
+        body = "\n  ".join(m.removeprefix("threshold calibration ") for m in messages)
+        warnings.warn(f"threshold calibration: {len(messages)} categories have too few normal images for "
+                      f"the requested false-alarm rate:\n  {body}", stacklevel=2)
+
+
 def normalize(values: np.ndarray | torch.Tensor, threshold: float, scale: float) -> Any:
     """``sigmoid((values - threshold) / scale)``: the threshold maps to 0.5 (NaN if uncalibrated)."""
     if isinstance(values, torch.Tensor):
@@ -321,12 +332,18 @@ def calibrate_from(module: Any, normal: NormalScores, normal_fpr: float = 0.01, 
     kw = dict(tail=tail, min_exceedances=min_exceedances, tail_fraction=tail_fraction, advice=advice)
     cats = np.asarray(normal.category)
     per_cat: dict[str, Any] = {}
-    for cat in dict.fromkeys(normal.category):
-        sel = cats == cat
-        image = normal_threshold(normal.score[sel], normal_fpr, "image", where=f"category '{cat}'", **kw)
-        pixel = normal_threshold(normal.pixels[sel], pixel_fpr, "pixel", tail="conformal", where=f"category '{cat}'")
-        per_cat[cat] = {**_values(image, pixel), "image": image.summary(), "pixel": _pixel_summary(pixel),
-                        "scores": [float(s) for s in normal.score[sel]]}
+    with warnings.catch_warnings(record=True) as caught:  # one warning for all categories, below
+        warnings.simplefilter("always")
+        for cat in dict.fromkeys(normal.category):
+            sel = cats == cat
+            image = normal_threshold(normal.score[sel], normal_fpr, "image", where=f"category '{cat}'", **kw)
+            pixel = normal_threshold(normal.pixels[sel], pixel_fpr, "pixel", tail="conformal", where=f"category '{cat}'")
+            per_cat[cat] = {**_values(image, pixel), "image": image.summary(), "pixel": _pixel_summary(pixel),
+                            "scores": [float(s) for s in normal.score[sel]]}
+    for w in caught:  # anything else caught above, as it was
+        if not str(w.message).startswith("threshold calibration"):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    _rewarn_together([str(w.message) for w in caught if str(w.message).startswith("threshold calibration")])
     if len(per_cat) == 1:
         cat = next(iter(per_cat))
         glob = {k: per_cat[cat][k] for k in THRESHOLD_BUFFERS}
