@@ -43,7 +43,7 @@ def step_bench(encoder: str, batch: int, crop: int, repeats: int, tiny: bool, pr
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(REPO / "bench"))
-    from efficientad import matmul_floor, time_calls
+    from efficientad import step_against_floor
 
     from iad_lightning.models.dinomaly import StableAdamW, hard_mining_cosine_loss
 
@@ -67,23 +67,8 @@ def step_bench(encoder: str, batch: int, crop: int, repeats: int, tiny: bool, pr
         hard_mining_cosine_loss(en, de, p=0.9).backward()
     opt.zero_grad(set_to_none=True)
     flops = int(counter.get_total_flops())
-    cpu = torch.device("cpu")
-    before = matmul_floor(flops, cpu, torch.float32, 1, repeats, budget_s=60.0)
-    times = time_calls(step, cpu, 1, repeats, budget_s=180.0)
-    after = matmul_floor(flops, cpu, torch.float32, 1, repeats, budget_s=60.0)
-    floor = min(before, after, key=lambda f: f["median_s"])
-    median = statistics.median(times)
-    out = {"encoder": encoder, "batch": batch, "crop": crop, "threads": torch.get_num_threads(), "step_s": median,
-           "steps": len(times), "gflops": flops / 1e9, "floor_s": floor["median_s"] * flops / floor["flops"],
-           "floor_gflops_per_s": floor["gflops_per_s"], "load": os.getloadavg()[0]}
-    out["ratio_to_floor"] = median / out["floor_s"]
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
-    return out
+    out = step_against_floor(step, flops, torch.device("cpu"), 1, repeats, budget_s=180.0, profile=profile)
+    return {"encoder": encoder, "batch": batch, "crop": crop, **out}
 
 
 def infer_bench(encoder: str, batch: int, crop: int, repeats: int, tiny: bool) -> dict:

@@ -119,6 +119,33 @@ def matmul_floor(flops: float, device: torch.device, dtype: torch.dtype, warmup:
             "calls": len(times)}
 
 
+def step_against_floor(step: Callable[[], Any], flops: float, device: torch.device, warmup: int, repeats: int,
+                       budget_s: float, profile: bool = False, row_limit: int = 10) -> dict[str, Any]:
+    """Median time of a training ``step`` of ``flops`` next to a matmul of the same FLOPs (the floor).
+    The floor is timed before and after the steps and the faster kept: in one process its rate moved
+    by up to 40 % between the two (e.g. 174 vs 123 GFLOP/s), so the ratio is not flattered."""
+    import os
+
+    before = matmul_floor(flops, device, torch.float32, warmup, repeats, budget_s=60.0)
+    times = time_calls(step, device, warmup, repeats, budget_s=budget_s)
+    after = matmul_floor(flops, device, torch.float32, warmup, repeats, budget_s=60.0)
+    floor = min(before, after, key=lambda f: f["median_s"])
+    median = statistics.median(times)
+    out: dict[str, Any] = {
+        "threads": torch.get_num_threads(), "step_s": median, "steps": len(times), "gflops": flops / 1e9,
+        "floor_s": floor["median_s"] * flops / floor["flops"], "floor_n": floor["n"],
+        "floor_gflops_per_s": floor["gflops_per_s"], "load": os.getloadavg()[0]}
+    out["ratio_to_floor"] = median / out["floor_s"]
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+    return out
+
+
 # ------------------------------------------------------------------------------------- ours
 def build_ours(size: str, image_size: int) -> torch.nn.Module:
     from iad_lightning.models.efficientad import EfficientADModel

@@ -114,15 +114,13 @@ def run(data_root: Path, datasets: list[str], epochs: int, image_size: int, batc
 
 def step_bench(batch: int, repeats: int, warmup: int = 2, profile: bool = True) -> dict:
     """Median CPU training step of the spec's UniAD transformer vs the same-FLOP matmul floor."""
-    import statistics
-
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "bench"))
-    from efficientad import matmul_floor, time_calls  # the shared timing helpers
+    from efficientad import step_against_floor  # the shared timing helpers
 
     from iad_lightning.models.uniad import UniADModel
 
@@ -143,26 +141,9 @@ def step_bench(batch: int, repeats: int, warmup: int = 2, profile: bool = True) 
         F.mse_loss(model(x), x).backward()
     opt.zero_grad(set_to_none=True)
     flops = int(counter.get_total_flops())
-    device = torch.device("cpu")
-    # the floor is timed before and after the steps and the faster kept (in one process its rate
-    # moved by up to 40 % between the two, e.g. 174 vs 123 GFLOP/s), so the ratio is not flattered
-    before = matmul_floor(flops, device, torch.float32, warmup, repeats, budget_s=60.0)
-    times = time_calls(step, device, warmup, repeats, budget_s=120.0)
-    after = matmul_floor(flops, device, torch.float32, warmup, repeats, budget_s=60.0)
-    floor = min(before, after, key=lambda f: f["median_s"])
-    median = statistics.median(times)
-    out = {"batch": batch, "threads": torch.get_num_threads(), "step_s": median, "steps": len(times),
-           "gflops": flops / 1e9, "floor_s": floor["median_s"] * flops / floor["flops"], "floor_n": floor["n"],
-           "floor_gflops_per_s": floor["gflops_per_s"], "load": os.getloadavg()[0]}
-    out["ratio_to_floor"] = median / out["floor_s"]
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-    return out
+    out = step_against_floor(step, flops, torch.device("cpu"), warmup, repeats, budget_s=120.0,
+                             profile=profile, row_limit=12)
+    return {"batch": batch, **out}
 
 
 def fmt(v, d: int = 4) -> str:
