@@ -119,6 +119,21 @@ def test_ddp_two_processes_equal_single_process(trained, mvtec_root, tmp_path):
         for key, value in res_1["categories"][cat].items():
             # metrics of maps equal up to that float32 rounding: near-tied pixels may swap
             assert res_2["categories"][cat][key] == pytest.approx(value, abs=5e-5), (cat, key)
+    # cross-fitting (threshold.folds=5, the default) under DDP: each rank scores its shard of every
+    # fold against the fold bank; the gathered out-of-sample scores cover every train image once and
+    # equal the single process's, so the thresholds do too
+    cal_1, cal_2 = single["iad_calibration"], ddp["iad_calibration"]
+    assert cal_1["source"] == cal_2["source"] == "cross-fitted (5 folds)"
+    assert cal_2["normal_images"] == cal_1["normal_images"] == sum(
+        len(list((mvtec_root / cat / "train" / "good").iterdir())) for cat in res_1["categories"])
+    for cat in res_1["categories"]:
+        s_1, s_2 = (torch.as_tensor(c["categories"][cat]["scores"]) for c in (cal_1, cal_2))
+        assert s_1.numel() == s_2.numel() == len(list((mvtec_root / cat / "train" / "good").iterdir()))
+        torch.testing.assert_close(s_2, s_1, rtol=1e-4, atol=5e-3)  # same image order (dataset index)
+        for key in ("image_threshold", "pixel_threshold"):
+            assert cal_2["categories"][cat][key] == pytest.approx(cal_1["categories"][cat][key], rel=1e-4), (cat, key)
+    assert res_2["calibrated"]["thresholds"]["image_threshold"] == pytest.approx(
+        res_1["calibrated"]["thresholds"]["image_threshold"], rel=1e-4)
 
 
 def test_multirun_category_sweep_in_parallel_and_report(mvtec_root, tmp_path):
