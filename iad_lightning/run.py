@@ -152,7 +152,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     extra = (ThresholdCalibration(threshold.get("normal_fpr", 0.01), threshold.get("pixel_normal_fpr"), folds=folds,
                                   seed=cfg.seed, tail=threshold.get("tail", "auto"),
                                   min_exceedances=threshold.get("min_exceedances", 5),
-                                  tail_fraction=threshold.get("tail_fraction", 0.2)),)
+                                  tail_fraction=threshold.get("tail_fraction", 0.2),
+                                  leave_one_out=threshold.get("leave_one_out", False)),)
     datamodule, trainer = _build(cfg, model, extra if calibrates else ())
     if calibrates and not cross_fits(model, datamodule, folds):  # before the data is indexed
         apply_holdout(datamodule, float(threshold.get("holdout_fraction", 0.0)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import lightning as L
 
 from iad_lightning.calibration import MIN_EXCEEDANCES, calibrate_from, cross_fits, held_out_scores
 from iad_lightning.crossfit import CrossFit
+
+log = logging.getLogger(__name__)
 
 
 class ThresholdCalibration(L.Callback):
@@ -20,15 +23,19 @@ class ThresholdCalibration(L.Callback):
 
     def __init__(self, normal_fpr: float = 0.01, pixel_normal_fpr: float | None = None, batch_size: int = 16,
                  folds: int = 5, seed: int = 0, tail: str = "auto", min_exceedances: float = MIN_EXCEEDANCES,
-                 tail_fraction: float = 0.2) -> None:
+                 tail_fraction: float = 0.2, leave_one_out: bool = False) -> None:
         self.normal_fpr, self.pixel_normal_fpr, self.batch_size = normal_fpr, pixel_normal_fpr, batch_size
-        self.folds, self.seed = int(folds), seed
+        self.folds, self.seed, self.leave_one_out = int(folds), seed, bool(leave_one_out)
         self.rule = dict(tail=tail, min_exceedances=min_exceedances, tail_fraction=tail_fraction)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         if stage == "fit" and dm is not None and hasattr(dm, "fit_records") and cross_fits(pl_module, dm, self.folds):
-            pl_module.crossfit = CrossFit.for_records(dm.fit_records(), self.folds, self.seed)
+            loo = self.leave_one_out and getattr(pl_module, "supports_leave_one_out", False)
+            if self.leave_one_out and not loo:
+                log.info("threshold.leave_one_out: %s has no leave-one-image-out scoring; it cross-fits %d folds",
+                         type(pl_module).__name__, self.folds)
+            pl_module.crossfit = CrossFit.for_records(dm.fit_records(), self.folds, self.seed, leave_one_out=loo)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule

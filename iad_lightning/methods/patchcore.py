@@ -43,6 +43,10 @@ class PatchCore(AnomalyModule):
 
     supports_crossfit = True  # fold coresets from the stored projections (calibration.py)
 
+    @property
+    def supports_leave_one_out(self) -> bool:  # the final bank without the image's rows (crossfit.py)
+        return not self.hparams.paper_reweighting
+
     def __init__(
         self,
         backbone: dict[str, Any],
@@ -146,13 +150,17 @@ class PatchCore(AnomalyModule):
 
     def on_train_epoch_end(self) -> None:
         group_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        fit, self._fit = self._fit, None
-        if self.crossfit is not None:  # out-of-sample scores first; the final bank does not depend on them
-            self.out_of_sample = self.crossfit.run(
+        fit, self._fit, plan = self._fit, None, self.crossfit
+        if plan is not None and not plan.leave_one_out:  # fold scores first; the final bank does not depend on them
+            self.out_of_sample = plan.run(
                 fit.prepare(group_device), lambda train, held: self._score_fold(fit, train, held, group_device),
                 group_device)
         bank, n = fit.select(self.hparams.coreset_ratio, self.hparams.num_starts, group_device)
         self.model.fit(bank.to(self.device))
+        if plan is not None and plan.leave_one_out:
+            self.out_of_sample = plan.run_leave_one_out(fit.prepare(group_device),
+                                                        lambda held: self._score_leaving_out(fit, held), group_device)
+        fit.close()
         self.print(f"PatchCore: {n} train patches -> memory bank {bank.shape[0]}")
         self.trainer.should_stop = True  # one pass over the data is the whole fit
 
@@ -164,6 +172,13 @@ class PatchCore(AnomalyModule):
         self.model.fit(bank.to(self.device))
         for index, embedding in fit.rows_of(held, batch=16):
             amap, score = self.model.score_embedding(embedding.to(self.device), fit.grid, fit.input_size)
+            yield index, amap, score
+
+    def _score_leaving_out(self, fit: "_StreamingBank", held: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Leave-one-image-out hook: each ``held`` image against the final bank without its own rows."""
+        for index, embedding in fit.rows_of(held, batch=16):
+            amap, score = self.model.score_leaving_out(embedding.to(self.device), fit.grid, fit.input_size,
+                                                       index, fit.bank_images)
             yield index, amap, score
 
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -260,6 +275,7 @@ class _StreamingBank:
         self.patches: int | None = None
         self.grid: tuple[int, int] | None = None  # patch grid and input size: the maps of cross-fitting
         self.input_size: tuple[int, int] | None = None
+        self.bank_images: torch.Tensor | None = None  # after select(): the image of each coreset row
         self._present: torch.Tensor | None = None  # after prepare(): present images, their owner rank
         self._owner: torch.Tensor | None = None
         self._rank = 0
@@ -384,9 +400,13 @@ class _StreamingBank:
         projected_t, sq_norms = projected_t.to(self.device), sq_norms.to(self.device)  # no copy on CPU
         keep = greedy_coreset_from_projection(projected_t, sq_norms, n, ratio, self.generator, num_starts).cpu()
         del projected_t, sq_norms
-        bank = self._full_rows(images[keep // p], keep % p, group_device)
-        self.spill.close()
+        self.bank_images = images[keep // p]  # the train image of each bank row (leave-one-image-out)
+        bank = self._full_rows(self.bank_images, keep % p, group_device)
         return bank, n
+
+    def close(self) -> None:
+        """Free the full rows' temporary file (after ``select`` and any scoring of train images)."""
+        self.spill.close()
 
     def select_subset(self, images: torch.Tensor, ratio: float, num_starts: int,
                       group_device: torch.device) -> torch.Tensor:

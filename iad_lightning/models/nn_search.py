@@ -59,15 +59,23 @@ def faiss_num_gpus() -> int:
 
 
 def torch_knn(queries: Tensor, bank: Tensor, k: int, chunk_size: int = 4096,
-              dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+              dtype: torch.dtype = torch.float32, query_owner: Tensor | None = None,
+              bank_owner: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact k-NN in torch: squared L2 = clamp(|q|^2 - 2 q.b + |b|^2, 0), then the k smallest.
 
     Queries are processed in chunks so that the (chunk, M) distance matrix stays below ~64 MB.
     ``dtype=torch.float16`` computes the distances in half precision (a GPU lever: half the bank
     memory and tensor-core matmuls; slower than float32 on CPU); the caller re-ranks the returned
     candidates exactly in float32 (``NearestNeighbourSearch(precision="float16")`` does).
+    ``query_owner`` (Q,) and ``bank_owner`` (M,) (integer ids, e.g. the image each row comes from):
+    a query never matches a bank row of its own owner (leave-one-image-out calibration); a query
+    with fewer than ``k`` other rows gets ``inf`` distances.
     Returns (squared distances (Q, k) float32, indices (Q, k) int64), both on ``queries.device``.
     """
+    if (query_owner is None) != (bank_owner is None):
+        raise ValueError("torch_knn: give both query_owner and bank_owner, or neither")
+    if bank_owner is not None:
+        query_owner, bank_owner = query_owner.to(queries.device), bank_owner.to(queries.device)
     bank = bank.to(device=queries.device, dtype=dtype)
     queries = queries.to(dtype)
     bank_sq = (bank.float() * bank.float()).sum(1).to(dtype)  # |b|^2, (M,)
@@ -77,6 +85,8 @@ def torch_knn(queries: Tensor, bank: Tensor, k: int, chunk_size: int = 4096,
         q = queries[start : start + rows]
         d2 = torch.addmm(bank_sq.unsqueeze(0), q, bank.t(), alpha=-2.0)  # |b|^2 - 2 q.b
         d2.add_((q * q).sum(1, keepdim=True)).clamp_(min=0.0)  # + |q|^2, clamp like faiss
+        if bank_owner is not None:
+            d2.masked_fill_(query_owner[start : start + rows, None] == bank_owner[None], float("inf"))
         d, i = torch.topk(d2, k, dim=1, largest=False, sorted=True)
         dists.append(d.float())
         idxs.append(i)

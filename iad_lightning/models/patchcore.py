@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iad_lightning.models.nn_search import NearestNeighbourSearch, exportable_knn
+from iad_lightning.models.nn_search import NearestNeighbourSearch, exportable_knn, torch_knn
 
 __all__ = [
     "Aggregator",
@@ -473,6 +473,23 @@ class PatchCoreModel(nn.Module):
         else:
             image_scores = scores.amax(1)
         return self.anomaly_map(scores, grid, input_size), image_scores
+
+    @torch.no_grad()
+    def score_leaving_out(self, embedding: Tensor, grid: tuple[int, int], input_size: tuple[int, int],
+                          images: Tensor, bank_images: Tensor) -> tuple[Tensor, Tensor]:
+        """``score_embedding`` of the (B, P, D) embeddings of the bank's own train images, each
+        without the bank rows that came from it (``images`` (B,) and ``bank_images`` (M,): the image
+        of each query and of each bank row): leave-one-image-out calibration scores. Exact torch
+        search (``torch_knn`` with owners); the official max image score only."""
+        if self.paper_reweighting:
+            raise ValueError("PatchCoreModel.score_leaving_out: the paper's reweighting searches the bank "
+                             "from bank rows; use fold banks (threshold.leave_one_out=false)")
+        b, p, d = embedding.shape
+        owner = images.to(embedding.device).repeat_interleave(p)
+        dist, _ = torch_knn(embedding.reshape(b * p, d), self.memory_bank, self.num_neighbors,
+                            query_owner=owner, bank_owner=bank_images)
+        scores = dist.mean(1).view(b, p)
+        return self.anomaly_map(scores, grid, input_size), scores.amax(1)
 
     def forward(self, features: Sequence[Tensor], input_size: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
         return self.predict(features, input_size)

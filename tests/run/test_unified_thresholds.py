@@ -62,6 +62,16 @@ def test_cross_fitted_per_category_thresholds_and_the_bank_of_a_fit_on_all_image
         "threshold.folds=0", "threshold.holdout_fraction=0", "test=false", "logger=none", f"hydra.run.dir={plain}")
     bank = torch.load(plain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(bank["model.memory_bank"], ckpt["state_dict"]["model.memory_bank"])
+    # threshold.leave_one_out=true: one coreset, every train image scored against it without its
+    # own rows (tests/methods/test_crossfit.py checks the scores by brute force); the same bank
+    loo = tmp_path / "loo"
+    run("train.py", "data=mvtec", f"data.root={data_root}", "data.category=[bottle,cable]", *TINY,
+        "threshold.leave_one_out=true", "test=false", "logger=none", f"hydra.run.dir={loo}")
+    loo_ckpt = torch.load(loo / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert torch.equal(loo_ckpt["state_dict"]["model.memory_bank"], ckpt["state_dict"]["model.memory_bank"])
+    loo_info = loo_ckpt[CALIBRATION_KEY]
+    assert loo_info["source"].startswith("leave-one-image-out") and loo_info["normal_images"] == 2 * N_TRAIN
+    assert all(len(loo_info["categories"][cat]["scores"]) == N_TRAIN for cat in CATS)
 
 
 def test_predict_uses_each_files_category(trained, data_root, tmp_path):
