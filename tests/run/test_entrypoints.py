@@ -134,6 +134,19 @@ def test_ddp_two_processes_equal_single_process(trained, mvtec_root, tmp_path):
             assert cal_2["categories"][cat][key] == pytest.approx(cal_1["categories"][cat][key], rel=1e-4), (cat, key)
     assert res_2["calibrated"]["thresholds"]["image_threshold"] == pytest.approx(
         res_1["calibrated"]["thresholds"]["image_threshold"], rel=1e-4)
+    # threshold.leave_one_out=true under DDP: each rank scores its images against the gathered final
+    # bank without their own rows; the same scores as one process
+    loo = {}
+    for name, extra in (("one", []), ("two", ["trainer=ddp", "trainer.devices=2"])):
+        run("train.py", "data=mvtec", f"data.root={mvtec_root}", *TINY, *extra, "threshold.leave_one_out=true",
+            "test=false", "logger=none", f"hydra.run.dir={tmp_path / name}")
+        loo[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu",
+                               weights_only=True)["iad_calibration"]
+    assert loo["two"]["source"].startswith("leave-one-image-out")
+    assert loo["two"]["normal_images"] == loo["one"]["normal_images"] == cal_1["normal_images"]
+    for cat in res_1["categories"]:
+        torch.testing.assert_close(torch.as_tensor(loo["two"]["categories"][cat]["scores"]),
+                                   torch.as_tensor(loo["one"]["categories"][cat]["scores"]), rtol=1e-4, atol=5e-3)
 
 
 def test_multirun_category_sweep_in_parallel_and_report(mvtec_root, tmp_path):
