@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from iad_lightning.calibration import CALIBRATION_KEY  # calibration details; the thresholds are buffers
 from iad_lightning.data.geometry import PREPROCESS_KEY, describe_preprocess
 from iad_lightning.data.transforms import without_crop
 from iad_lightning.errors import ConfigError

@@ -115,7 +115,7 @@ class NearestNeighbourSearch:
             the approximate IVF-PQ codes). The neighbours found are unchanged (flat index).
         num_threads: OpenMP threads of a CPU faiss search (``None``: faiss' default, all cores).
             On a machine shared with other jobs 1 thread was 2.4x faster than 2 on 2 cores
-            (README, PatchCore predict levers); restored after each search.
+            (docs/methods/patchcore.md, "Scaling: memory, DDP, search"); restored after each search.
         precision: ``"float32"`` (default) or ``"float16"``: the torch backend keeps the bank in
             half precision and computes distances in it, then re-ranks ``rerank`` candidates per
             query exactly in float32 (``refine_squared_distances``) and keeps the k best. For a GPU

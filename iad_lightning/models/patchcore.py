@@ -199,7 +199,7 @@ def resolve_embed_dimensions(
         only compresses, as for WideResNet-50's 4608 and 9216), otherwise ``"channels"``, because
         1024 would stretch a small layer by repeating its values (Lite0: 360 and 1008), which
         costs search time and memory without information; ``bench/patchcore.py --dims`` measured
-        it (README, PatchCore).
+        it (docs/methods/patchcore.md, "Embedding size").
     target: an int, or ``"auto"``: min(sum of the per-layer sizes, 1024), so 1024 for the paper's
         1024 + 1024 and no aggregation (identity) for ``"channels"`` on small backbones.
     """
