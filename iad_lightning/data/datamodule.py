@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections import defaultdict
@@ -18,6 +19,8 @@ from iad_lightning.data.records import Record
 from iad_lightning.data.sampler import EpochSeededSampler
 from iad_lightning.data.transforms import Preprocess, without_crop
 from iad_lightning.errors import ConfigError, DatasetError
+
+log = logging.getLogger(__name__)
 
 
 # data.fit_split -> the index splits the train loader serves
@@ -45,6 +48,24 @@ def split_validation(records: Sequence[Record], fraction: float, seed: int) -> t
         for j, rec in enumerate(recs):
             (val if j in held else train).append(rec)
     return train, val
+
+
+_LOWERED: set[tuple[int, int]] = set()
+
+
+def usable_workers(num_workers: int) -> int:
+    """``data.num_workers`` capped at the CPUs this process may use: more loader processes than
+    cores only compete with each other (torch warns about it on every loader)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    if int(num_workers) > cpus:
+        if (int(num_workers), cpus) not in _LOWERED:  # once per process, not per datamodule
+            _LOWERED.add((int(num_workers), cpus))
+            log.info("data.num_workers=%d lowered to %d, the CPUs this process may use", int(num_workers), cpus)
+        return cpus
+    return int(num_workers)
 
 
 class AnomalyDataModule(L.LightningDataModule):
@@ -100,7 +121,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.format, self.root, self.category = format, str(root), category
         self.options = dict(options or {})
         self.batch_size, self._eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.val_fraction, self.shuffle = num_workers, val_fraction, shuffle
+        self.num_workers, self.val_fraction, self.shuffle = usable_workers(num_workers), val_fraction, shuffle
         if pin_memory not in (True, False, "auto"):
             raise ConfigError(f"data.pin_memory={pin_memory!r} must be auto, true or false")
         self.seed, self.pin_memory = seed, pin_memory

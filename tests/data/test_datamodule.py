@@ -128,3 +128,19 @@ def test_items_are_built_with_one_intra_op_thread_and_the_count_is_restored(tmp_
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_num_workers_capped_at_the_usable_cpus(monkeypatch, caplog):
+    """More loader processes than the process's CPUs only compete (torch warns on every loader):
+    lowered to the CPU count, logged once per process; fewer are kept."""
+    import logging
+
+    from iad_lightning.data import datamodule as dmod
+
+    monkeypatch.setattr(dmod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(dmod, "_LOWERED", set())
+    with caplog.at_level(logging.INFO, logger=dmod.__name__):
+        assert [dmod.usable_workers(n) for n in (0, 1, 2, 4, 8, 4)] == [0, 1, 2, 2, 2, 2]
+    lines = [r.getMessage() for r in caplog.records if "lowered" in r.getMessage()]
+    assert lines == ["data.num_workers=4 lowered to 2, the CPUs this process may use",
+                     "data.num_workers=8 lowered to 2, the CPUs this process may use"]
