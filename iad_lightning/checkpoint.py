@@ -81,3 +81,40 @@ def legacy_preprocess(model: torch.nn.Module, path: Path) -> Any:
     warnings.warn(f"'{path}' stores no preprocessing (written before models carried it): using "
                   f"the method's ({describe_preprocess(pre)}; {how})", stacklevel=3)
     return pre
+
+
+def close_finished_epoch(checkpoint: dict[str, Any], max_steps: int) -> bool:
+    """Resume fix for a run that ``max_steps`` stopped on the LAST batch of an epoch (Lightning 2.6).
+
+    Such a checkpoint keeps the finished epoch's batch counters (all its batches, ``is_last_batch``);
+    saved by an epoch-end hook it also records the epoch as processed but not completed (the
+    counter moves after the hooks), saved at the end of training (``ThresholdCalibration``
+    rewrites last.ckpt there) as completed. Resumed iteration-based (``trainer.max_steps`` set,
+    e.g. to train longer), Lightning re-enters the finished epoch: one batch too many from a fresh
+    loader in the first case, an empty extra epoch (the epoch counter, and so the sampler's
+    shuffle, one ahead) in the second, and the result differs from an uninterrupted run. When the
+    saved epoch has run all its batches, mark it completed and start the next epoch at its first
+    batch, which is what the uninterrupted run does. Called from
+    ``AnomalyModule.on_load_checkpoint`` (before Lightning restores its loops); returns whether it
+    changed anything. Epoch-based resumes (``max_steps`` -1) are left to Lightning, which
+    handles them, and so is a checkpoint from the middle of an epoch.
+    """
+    if max_steps == -1:
+        return False
+    try:
+        fit = checkpoint["loops"]["fit_loop"]
+        epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+        total = epochs["total"]
+        started = total["ready"] == total["started"] == total["processed"]
+        in_hook, after = total["completed"] + 1 == total["processed"], total["completed"] == total["processed"]
+        finished = (started and (in_hook or after) and batches["is_last_batch"]
+                    and batches["current"]["completed"] == batches["current"]["ready"] > 0)
+    except (KeyError, TypeError):  # another Lightning layout: leave it alone
+        return False
+    if not finished:
+        return False
+    for progress in (epochs["total"], epochs["current"]):
+        progress["completed"] = progress["processed"]
+    batches["current"] = {key: 0 for key in batches["current"]}
+    batches["is_last_batch"] = False
+    return True

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from iad_lightning.calibration import MIN_EXCEEDANCES, calibrate_from, cross_fits, held_out_scores
 from iad_lightning.crossfit import CrossFit
@@ -44,7 +45,10 @@ class ThresholdCalibration(L.Callback):
         normal = getattr(pl_module, "out_of_sample", None)
         advice = "add normal train images"
         if normal is None:
-            normal = held_out_scores(pl_module, dm, getattr(dm, "eval_batch_size", None) or self.batch_size)
+            with torch.random.fork_rng(devices=[]):  # a loader draws its base seed from the global RNG:
+                # leave the training streams as they were, so that the last.ckpt rewritten below
+                # resumes (callbacks.checkpoint.RNGState) exactly as the uninterrupted run continues
+                normal = held_out_scores(pl_module, dm, getattr(dm, "eval_batch_size", None) or self.batch_size)
             advice = "hold out more normal images (threshold.holdout_fraction or data.val_fraction)"
         pl_module.out_of_sample, pl_module.crossfit = None, None
         if normal is not None and len(normal.score) == 0 and normal.excluded:

@@ -258,7 +258,10 @@ class AnomalyDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None or not trainer.training:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches of this epoch
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        # batches of this epoch; none to skip once the epoch has run them all (a run that max_steps
+        # stops on an epoch's last batch resumes at the next epoch's first: checkpoint.close_finished_epoch)
+        done = 0 if progress.is_last_batch else progress.current.processed
         return {"train_epoch": int(trainer.current_epoch), "train_samples_seen": int(done * (self.batch_size or 0))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from iad_lightning.calibration import CALIBRATION_KEY, THRESHOLD_BUFFERS, calibrated_category, calibrated_results
-from iad_lightning.checkpoint import CONFIG_KEY
+from iad_lightning.checkpoint import CONFIG_KEY, close_finished_epoch
 from iad_lightning.data.crop_check import crop_check, warn_if_cropped
 from iad_lightning.data.geometry import (
     PREPROCESS_KEY,
@@ -166,6 +166,8 @@ class AnomalyModule(L.LightningModule):
         checkpoint[PREPROCESS_KEY] = preprocess_to_dict(self.input_preprocess)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:  # resuming a fit (not iad_lightning.load)
+            close_finished_epoch(checkpoint, self._trainer.max_steps)
         self.calibration_info = checkpoint.get(CALIBRATION_KEY)
         stored = checkpoint.get(PREPROCESS_KEY)  # None: written before models carried it (checkpoint.py)
         self.fitted_preprocess = None if stored is None else preprocess_from_dict(stored)

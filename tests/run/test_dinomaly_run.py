@@ -145,6 +145,27 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(trained, tmp_path):
         torch.testing.assert_close(resumed["optimizer_states"][0]["state"][i]["max_exp_avg_sq"], state["max_exp_avg_sq"])
 
 
+def test_a_run_stopped_at_an_epoch_end_resumes_longer_to_the_uninterrupted_result(trained, tmp_path):
+    """``trainer.max_steps=4`` ends on the last batch of epoch 2 (32 images, batch 16); resumed from
+    its last.ckpt with ``trainer.max_steps=6``: the uninterrupted 6-iteration run (Lightning alone
+    trains one batch too many in the finished epoch; ``checkpoint.close_finished_epoch``)."""
+    out, meta = trained
+    common = [*GEOMETRY, "data.category=[fabric,wood]", f"method.model.encoder_weights={meta}", *RECIPE,
+              "test=false", "callbacks.visualizer.n_images=0", "logger=none"]
+    run("train.py", *common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'a'}")
+    first = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert first["global_step"] == 4
+    run("train.py", *common, f"trainer.max_steps={STEPS}", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'b'}")
+    full = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (resumed["global_step"], resumed["epoch"]) == (full["global_step"], full["epoch"]) == (STEPS, 3)
+    assert resumed["lr_schedulers"][0]["_last_lr"] == full["lr_schedulers"][0]["_last_lr"]
+    for key, value in full["state_dict"].items():
+        if key.startswith(("model.bottleneck.", "model.decoder.")):
+            torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_predict_gives_the_test_path_score_for_every_file(trained):
     """iad_lightning.load(...).predict on the test image FILES = the module's scores on the test
     loader's batches (the geometry and the score come from the checkpoint alone)."""
