@@ -75,22 +75,29 @@ def oracle_recall(fpr: float, scores, labels) -> float:
                         else float(scores[~labels].max()), scores, labels)[1]
 
 
-def fit_and_test(data_root: Path, dataset: str, folds: int, holdout: float, test: bool,
-                 leave_one_out: bool = False) -> dict:
-    import lightning as L
+def patchcore_on(data_root: Path, dataset: str) -> tuple:
+    """(method, datamodule) of the project's config: PatchCore ``backbone=lite0`` on ``dataset``."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-
-    from iad_lightning.calibration import apply_holdout
-    from iad_lightning.callbacks.calibration import ThresholdCalibration
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose("train", overrides=["backbone=lite0", "data=mvtec", f"data.root={data_root}",
                                           f"data.category={dataset}", "data.num_workers=0"])
-    L.seed_everything(0, workers=True)
     model = instantiate(cfg.method)
     dm = instantiate(cfg.data)
     dm.preprocess = model.preprocess
+    return model, dm
+
+
+def fit_and_test(data_root: Path, dataset: str, folds: int, holdout: float, test: bool,
+                 leave_one_out: bool = False) -> dict:
+    import lightning as L
+
+    from iad_lightning.calibration import apply_holdout
+    from iad_lightning.callbacks.calibration import ThresholdCalibration
+
+    L.seed_everything(0, workers=True)
+    model, dm = patchcore_on(data_root, dataset)
     if folds == 0:
         apply_holdout(dm, holdout)
     cal = ThresholdCalibration(normal_fpr=0.01, folds=folds, seed=0, leave_one_out=leave_one_out)

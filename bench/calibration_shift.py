@@ -43,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/calibration.py: shared helpers
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 GROUPS = {"kolektorsdd_commutator": r"^(kos\d+)_"}  # file-name pattern of an image's group
 
@@ -50,15 +51,11 @@ GROUPS = {"kolektorsdd_commutator": r"^(kos\d+)_"}  # file-name pattern of an im
 def embeddings(data_root: Path, dataset: str) -> dict:
     """Patch embeddings (N, P, D) of the train (dataset order) and test images, the method and labels."""
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("train", overrides=["backbone=lite0", "data=mvtec", f"data.root={data_root}",
-                                          f"data.category={dataset}", "data.num_workers=0"])
-    method = instantiate(cfg.method).eval()
-    dm = instantiate(cfg.data)
-    dm.preprocess = method.preprocess
+    from calibration import patchcore_on  # bench/calibration.py
+
+    method, dm = patchcore_on(data_root, dataset)
+    method.eval()
     dm.setup("fit")
     dm.setup("test")
     out = {"method": method}
@@ -91,14 +88,17 @@ class Scorer:
     def __init__(self, data: dict) -> None:
         self.model, self.grid, self.size = data["method"].model, data["grid"], data["size"]
 
-    def __call__(self, bank, emb):
+    def __call__(self, bank, emb, owner=None, bank_owner=None):
+        """Scores of ``emb`` against ``bank``; with owners (the unit of each query image and of each
+        bank row), each image without the rows of its own unit (the method's leave-out search)."""
         import numpy as np
         import torch
 
         self.model.fit(bank)
         out = []
         for start in range(0, emb.shape[0], 16):
-            _, score = self.model.score_embedding(emb[start:start + 16], self.grid, self.size)
+            leave_out = None if owner is None else (owner[start:start + 16], bank_owner)
+            _, score = self.model.score_embedding(emb[start:start + 16], self.grid, self.size, leave_out=leave_out)
             out.append(score)
         return np.asarray(torch.cat(out), dtype=np.float64)
 
@@ -144,12 +144,8 @@ def oos_variants(data: dict, groups: list[str], grouped: bool) -> dict:
     final_bank, owner = coreset(emb, hp, ratio)
 
     def leave_out(key: np.ndarray) -> np.ndarray:  # key: the unit left out (an image, or its group)
-        out = np.empty(n)
-        owner_key = key[owner]
-        for unit in np.unique(key):
-            mine = np.flatnonzero(key == unit)
-            out[mine] = score(final_bank[torch.from_numpy(owner_key != unit)], emb[torch.from_numpy(mine)])
-        return out
+        unit = torch.from_numpy(np.unique(key, return_inverse=True)[1])
+        return score(final_bank, emb, owner=unit, bank_owner=unit[torch.from_numpy(owner)])
 
     variants = {"K5": kfold(5), "K10": kfold(10), "K5 same bank size": kfold(5, same_bank=True),
                 "leave-one-image-out": leave_out(np.arange(n))}
@@ -187,7 +183,6 @@ def run(data_root: Path, dataset: str, pattern: str | None, fprs: list[float], s
 
     from iad_lightning.calibration import clopper_pearson, normal_threshold
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from calibration import at_threshold, oracle_recall  # bench/calibration.py
 
     start = time.perf_counter()

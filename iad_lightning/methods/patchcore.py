@@ -177,8 +177,8 @@ class PatchCore(AnomalyModule):
     def _score_leaving_out(self, fit: "_StreamingBank", held: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
         """Leave-one-image-out hook: each ``held`` image against the final bank without its own rows."""
         for index, embedding in fit.rows_of(held, batch=16):
-            amap, score = self.model.score_leaving_out(embedding.to(self.device), fit.grid, fit.input_size,
-                                                       index, fit.bank_images)
+            amap, score = self.model.score_embedding(embedding.to(self.device), fit.grid, fit.input_size,
+                                                     leave_out=(index, fit.bank_images))
             yield index, amap, score
 
     def predict_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -408,13 +408,22 @@ class PatchCoreModel(nn.Module):
         self.nn_search.fit(self.memory_bank)  # no-op unless the bank changed
         return self.nn_search.search(queries, k)
 
-    def patch_scores(self, embedding: Tensor) -> tuple[Tensor, Tensor]:
+    def patch_scores(self, embedding: Tensor, leave_out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Patch score = mean of the k squared NN distances (official, k = num_neighbors).
 
-        Args: embedding (B, P, D). Returns (scores (B, P), nearest bank index (B, P)).
+        Args: embedding (B, P, D); ``leave_out`` = (images (B,), bank_images (M,)): the train image
+        of each query and of each bank row, for the bank's own train images scored each without
+        its own rows (leave-one-image-out calibration; exact torch search, ``torch_knn`` with
+        owners). Returns (scores (B, P), nearest bank index (B, P)).
         """
         b, p, d = embedding.shape
-        dist, idx = self.nearest_neighbours(embedding.reshape(b * p, d), self.num_neighbors)
+        queries = embedding.reshape(b * p, d)
+        if leave_out is None:
+            dist, idx = self.nearest_neighbours(queries, self.num_neighbors)
+        else:
+            images, bank_images = leave_out
+            dist, idx = torch_knn(queries, self.memory_bank, self.num_neighbors,
+                                  query_owner=images.to(embedding.device).repeat_interleave(p), bank_owner=bank_images)
         return dist.mean(1).view(b, p), idx[:, 0].view(b, p)
 
     def reweighted_image_scores(self, embedding: Tensor, patch_scores: Tensor, nn_index: Tensor) -> Tensor:
@@ -463,33 +472,19 @@ class PatchCoreModel(nn.Module):
         return self.score_embedding(embedding, grid, input_size)
 
     @torch.no_grad()
-    def score_embedding(self, embedding: Tensor, grid: tuple[int, int],
-                        input_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def score_embedding(self, embedding: Tensor, grid: tuple[int, int], input_size: tuple[int, int],
+                        leave_out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """``predict`` from patch embeddings (B, H * W, D) already computed (cross-fitting scores
-        the stored train embeddings against fold banks with it)."""
-        scores, nn_index = self.patch_scores(embedding)
+        the stored train embeddings against fold banks with it; ``leave_out``: see ``patch_scores``)."""
+        if leave_out is not None and self.paper_reweighting:
+            raise ValueError("PatchCoreModel.score_embedding: leave_out with the paper's reweighting, which "
+                             "searches the bank from bank rows; use fold banks (threshold.leave_one_out=false)")
+        scores, nn_index = self.patch_scores(embedding, leave_out)
         if self.paper_reweighting:
             image_scores = self.reweighted_image_scores(embedding, scores, nn_index)
         else:
             image_scores = scores.amax(1)
         return self.anomaly_map(scores, grid, input_size), image_scores
-
-    @torch.no_grad()
-    def score_leaving_out(self, embedding: Tensor, grid: tuple[int, int], input_size: tuple[int, int],
-                          images: Tensor, bank_images: Tensor) -> tuple[Tensor, Tensor]:
-        """``score_embedding`` of the (B, P, D) embeddings of the bank's own train images, each
-        without the bank rows that came from it (``images`` (B,) and ``bank_images`` (M,): the image
-        of each query and of each bank row): leave-one-image-out calibration scores. Exact torch
-        search (``torch_knn`` with owners); the official max image score only."""
-        if self.paper_reweighting:
-            raise ValueError("PatchCoreModel.score_leaving_out: the paper's reweighting searches the bank "
-                             "from bank rows; use fold banks (threshold.leave_one_out=false)")
-        b, p, d = embedding.shape
-        owner = images.to(embedding.device).repeat_interleave(p)
-        dist, _ = torch_knn(embedding.reshape(b * p, d), self.memory_bank, self.num_neighbors,
-                            query_owner=owner, bank_owner=bank_images)
-        scores = dist.mean(1).view(b, p)
-        return self.anomaly_map(scores, grid, input_size), scores.amax(1)
 
     def forward(self, features: Sequence[Tensor], input_size: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
         return self.predict(features, input_size)

@@ -112,7 +112,8 @@ def test_leave_one_out_scores_each_image_against_the_final_bank_without_its_own_
 
     def score_held(held):  # what PatchCore._score_leaving_out does
         for index, embedding in stream.rows_of(held, batch=5):
-            amap, score = model.score_leaving_out(embedding, stream.grid, stream.input_size, index, stream.bank_images)
+            amap, score = model.score_embedding(embedding, stream.grid, stream.input_size,
+                                                leave_out=(index, stream.bank_images))
             yield index, amap, score
 
     normal = plan.run_leave_one_out(present, score_held)
@@ -131,8 +132,8 @@ def test_leave_one_out_scores_each_image_against_the_final_bank_without_its_own_
         in_sample = torch.cdist(images[i].double(), bank.double()).pow(2).min(1).values.max()
         assert score >= float(in_sample) * (1 - 1e-5)  # never below the final model's in-sample score
     with pytest.raises(ValueError, match="reweighting"):
-        PatchCoreModel(target_embed_dimension=DIM, paper_reweighting=True).fit(bank).score_leaving_out(
-            images[:1], GRID, (28, 28), torch.tensor([0]), torch.zeros(len(bank), dtype=torch.long))
+        PatchCoreModel(target_embed_dimension=DIM, paper_reweighting=True).fit(bank).score_embedding(
+            images[:1], GRID, (28, 28), leave_out=(torch.tensor([0]), torch.zeros(len(bank), dtype=torch.long)))
 
 
 def test_padim_fold_fit_equals_a_fit_on_those_images_alone():
