@@ -110,3 +110,58 @@ def test_a_missing_resume_checkpoint_is_named(tmp_path):
     assert resume_path(None) is None
     with pytest.raises(ConfigError, match="gone.ckpt' does not exist; to resume"):
         resume_path(str(tmp_path / "gone.ckpt"))
+
+
+@pytest.mark.parametrize("saved", ["epoch_end_hook", "after_training"])
+def test_close_finished_epoch_on_checkpoints_lightning_writes(saved, tmp_path):
+    """Both layouts of a checkpoint that ``max_steps`` stopped on an epoch's last batch, written by
+    Lightning itself (``ModelCheckpoint`` in the epoch-end hook; ``trainer.save_checkpoint`` after
+    training, as ``ThresholdCalibration`` rewrites last.ckpt): resumed with a larger ``max_steps``
+    through ``close_finished_epoch``, the run trains the batches, epochs and weights of the
+    uninterrupted longer run; without it Lightning re-enters the finished epoch."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from iad_lightning.checkpoint import close_finished_epoch
+
+    class Tiny(L.LightningModule):
+        def __init__(self, repair: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer, self.repair, self.seen = torch.nn.Linear(2, 1), repair, []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch_idx))
+            return self.layer(batch[0]).pow(2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), 0.1)
+
+        def train_dataloader(self):
+            data = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+
+        def on_load_checkpoint(self, checkpoint):
+            if self.repair:
+                assert close_finished_epoch(checkpoint, self.trainer.max_steps)
+
+    def fit(max_steps: int, folder: str, ckpt: Path | None = None, repair: bool = True) -> Tiny:
+        model = Tiny(repair)
+        trainer = L.Trainer(max_steps=max_steps, max_epochs=-1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=[ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, ckpt_path=ckpt)
+        trainer.save_checkpoint(tmp_path / folder / "after.ckpt")
+        return model
+
+    fit(4, "stopped")  # 2 batches per epoch: step 4 is the last batch of epoch 2
+    ckpt = tmp_path / "stopped" / ("last.ckpt" if saved == "epoch_end_hook" else "after.ckpt")
+    straight = fit(6, "straight")
+    resumed = fit(6, "resumed", ckpt)
+    assert resumed.seen == straight.seen[4:] == [(2, 0), (2, 1)]
+    assert torch.equal(resumed.layer.weight, straight.layer.weight)
+    assert fit(6, "lightning_alone", ckpt, repair=False).seen != straight.seen[4:]
